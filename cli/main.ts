@@ -1,0 +1,60 @@
+// The `emu3` command: one entry point that starts any service or client. Each subcommand lives in its own module
+// and is imported only when run, so `emu3 --help` stays fast and a client never loads ORT.
+import { type CommandSpec, Flags, formatHelp, parseArgs, UsageError } from './args.js';
+
+export interface Command {
+  spec: CommandSpec;
+  run(flags: Flags, positionals: string[]): Promise<number>;
+}
+
+interface Entry {
+  name: string;
+  summary: string;
+  load: () => Promise<Command>;
+}
+
+const commands: Entry[] = [
+  // Each area adds its command here: { name, summary, load: async () => (await import('./x.js')).command },
+];
+
+function topHelp(): string {
+  const width = Math.max(...commands.map((c) => c.name.length)) + 2;
+  return [
+    'emu3: serve BAAI Emu3 models as gRPC microservices',
+    '',
+    'usage: emu3 <command> [flags]    (emu3 <command> --help for its flags)',
+    '',
+    'commands:',
+    ...commands.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
+  ].join('\n');
+}
+
+export async function run(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    console.log(topHelp());
+    return name === undefined ? 2 : 0;
+  }
+  const entry = commands.find((c) => c.name === name);
+  if (!entry) {
+    console.error(`emu3: unknown command "${name}"\n\n${topHelp()}`);
+    return 2;
+  }
+  const command = await entry.load();
+  try {
+    const parsed = parseArgs(command.spec, rest);
+    if (parsed.help) {
+      console.log(formatHelp(command.spec));
+      return 0;
+    }
+    return await command.run(new Flags(command.spec.name, parsed), parsed.positionals);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      console.error(`emu3 ${err.message}`);
+      return 2;
+    }
+    console.error(`emu3 ${name}: ${err instanceof Error ? err.message : String(err)}`);
+    if (process.env.EMU3_DEBUG) console.error(err);
+    return 1;
+  }
+}
