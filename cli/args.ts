@@ -126,14 +126,16 @@ export class Flags {
     const s = this.string(name);
     if (s === undefined) return undefined;
     const n = Number(s);
-    if (s.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${this.command}: --${name} must be a number, got "${s}"`);
+    if (s.trim() === '' || !Number.isFinite(n))
+      throw new UsageError(`${this.command}: --${name} must be a number, got "${s}"`);
     return n;
   }
 
   oneOf<T extends string>(name: string, choices: readonly T[]): T | undefined {
     const s = this.string(name);
     if (s === undefined) return undefined;
-    if (!choices.includes(s as T)) throw new UsageError(`${this.command}: --${name} must be one of ${choices.join('|')}, got "${s}"`);
+    if (!choices.includes(s as T))
+      throw new UsageError(`${this.command}: --${name} must be one of ${choices.join('|')}, got "${s}"`);
     return s as T;
   }
 }

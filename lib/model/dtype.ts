@@ -3,7 +3,18 @@
 export type FloatDtype = 'F32' | 'BF16' | 'F16';
 
 export const bytesPerElement: Record<string, number> = {
-  F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1, F8_E4M3: 1, F8_E5M2: 1,
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
 };
 
 export function isFloatDtype(d: string): d is FloatDtype {
@@ -85,7 +96,8 @@ export function toFloat32(dtype: FloatDtype, raw: Uint8Array): Float32Array {
 
 /** Encode float32 values into little-endian raw bytes of a float dtype. */
 export function fromFloat32(dtype: FloatDtype, values: Float32Array): Uint8Array {
-  if (dtype === 'F32') return new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength));
+  if (dtype === 'F32')
+    return new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength));
   const out = new Uint8Array(values.length * 2);
   const dv = new DataView(out.buffer);
   const conv = dtype === 'BF16' ? floatToBf16 : floatToHalf;

@@ -2,7 +2,7 @@
 // Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]},
 // "__metadata__": {string: string}}, then the data; offsets are relative to the end of the header.
 import { closeSync, fstatSync, openSync, readSync, writeSync } from 'node:fs';
-import { type FloatDtype, bytesPerElement, fromFloat32, isFloatDtype, toFloat32 } from './dtype.js';
+import { bytesPerElement, type FloatDtype, fromFloat32, isFloatDtype, toFloat32 } from './dtype.js';
 import { CheckpointError } from './errors.js';
 
 export interface TensorInfo {
@@ -46,7 +46,9 @@ export class SafetensorsFile {
       readSync(fd, lenBuf, 0, 8, 0);
       const headerLen = Number(lenBuf.readBigUInt64LE(0));
       if (headerLen <= 0 || headerLen > MAX_HEADER_BYTES || 8 + headerLen > size) {
-        throw new CheckpointError(`${path}: corrupt safetensors header (header length ${headerLen}, file ${size} bytes)`);
+        throw new CheckpointError(
+          `${path}: corrupt safetensors header (header length ${headerLen}, file ${size} bytes)`,
+        );
       }
       const header = Buffer.alloc(headerLen);
       readSync(fd, header, 0, headerLen, 8);
@@ -76,7 +78,12 @@ export class SafetensorsFile {
           throw new CheckpointError(`${where}: invalid shape ${JSON.stringify(t.shape)}`);
         }
         const off = t.data_offsets;
-        if (!Array.isArray(off) || off.length !== 2 || !off.every((o) => Number.isInteger(o) && o >= 0) || off[1] < off[0]) {
+        if (
+          !Array.isArray(off) ||
+          off.length !== 2 ||
+          !off.every((o) => Number.isInteger(o) && o >= 0) ||
+          off[1] < off[0]
+        ) {
           throw new CheckpointError(`${where}: invalid data_offsets ${JSON.stringify(off)}`);
         }
         const elements = (t.shape as number[]).reduce((a, b) => a * b, 1);
@@ -89,7 +96,9 @@ export class SafetensorsFile {
         const begin = dataStart + off[0];
         const end = dataStart + off[1];
         if (end > size) {
-          throw new CheckpointError(`${where}: data ends at byte ${end} but the file has ${size} bytes (truncated file?)`);
+          throw new CheckpointError(
+            `${where}: data ends at byte ${end} but the file has ${size} bytes (truncated file?)`,
+          );
         }
         tensors.set(name, { name, dtype: t.dtype, shape: t.shape as number[], begin, end, file: path });
       }
@@ -124,7 +133,9 @@ export class SafetensorsFile {
   readF32(name: string): Float32Array {
     const t = this.info(name);
     if (!isFloatDtype(t.dtype)) {
-      throw new CheckpointError(`${this.path}: tensor ${name} has dtype ${t.dtype}; only F32, BF16 and F16 are supported`);
+      throw new CheckpointError(
+        `${this.path}: tensor ${name} has dtype ${t.dtype}; only F32, BF16 and F16 are supported`,
+      );
     }
     return toFloat32(t.dtype, this.readRaw(name));
   }
@@ -178,7 +189,8 @@ export function writeSafetensors(
     for (const t of tensors) {
       const data = t.produce();
       const expected = t.shape.reduce((a, b) => a * b, 1);
-      if (data.length !== expected) throw new Error(`writeSafetensors: ${t.name} has ${data.length} values, shape needs ${expected}`);
+      if (data.length !== expected)
+        throw new Error(`writeSafetensors: ${t.name} has ${data.length} values, shape needs ${expected}`);
       writeSync(fd, fromFloat32(t.dtype, data));
     }
   } finally {

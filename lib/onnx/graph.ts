@@ -8,13 +8,28 @@ import { ProtoWriter } from './protobuf.js';
 export type ElemType = 'float' | 'uint8' | 'int8' | 'int32' | 'int64' | 'bool' | 'float16' | 'double' | 'bfloat16';
 
 const elemTypeCode: Record<ElemType, number> = {
-  float: 1, uint8: 2, int8: 3, int32: 6, int64: 7, bool: 9, float16: 10, double: 11, bfloat16: 16,
+  float: 1,
+  uint8: 2,
+  int8: 3,
+  int32: 6,
+  int64: 7,
+  bool: 9,
+  float16: 10,
+  double: 11,
+  bfloat16: 16,
 };
 
 /** A dimension: a fixed size or a symbolic name. */
 export type Dim = number | string;
 
-export type AttrValue = number | string | number[] | string[] | { floats: number[] } | { tensor: InlineTensor } | { float: number };
+export type AttrValue =
+  | number
+  | string
+  | number[]
+  | string[]
+  | { floats: number[] }
+  | { tensor: InlineTensor }
+  | { float: number };
 
 interface InlineTensor {
   type: ElemType;
@@ -235,7 +250,8 @@ function encodeInit(t: InitDef, weightsFile: string): ProtoWriter {
 
 function encodeValueInfo(v: ValueInfo): ProtoWriter {
   const shape = new ProtoWriter();
-  for (const d of v.dims) shape.message(1, typeof d === 'number' ? new ProtoWriter().int(1, d) : new ProtoWriter().string(2, d));
+  for (const d of v.dims)
+    shape.message(1, typeof d === 'number' ? new ProtoWriter().int(1, d) : new ProtoWriter().string(2, d));
   const tensorType = new ProtoWriter().int(1, elemTypeCode[v.type]).message(2, shape);
   return new ProtoWriter().string(1, v.name).message(2, new ProtoWriter().message(1, tensorType));
 }
