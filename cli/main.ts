@@ -15,6 +15,26 @@ interface Entry {
 
 const commands: Entry[] = [
   // Each area adds its command here: { name, summary, load: async () => (await import('./x.js')).command },
+  {
+    name: 'make-tiny',
+    summary: 'write emu3-tiny: a random-weight Emu3 + VQ in the upstream layout',
+    load: async () => (await import('./make-tiny.js')).command,
+  },
+  {
+    name: 'logits',
+    summary: 'print the top logits and greedy continuation of a model for given token ids',
+    load: async () => (await import('./logits.js')).command,
+  },
+  {
+    name: 'tokenize',
+    summary: 'show the token ids of a text and the piece each decodes to',
+    load: async () => (await import('./tokenize.js')).command,
+  },
+  {
+    name: 'vq',
+    summary: 'VQ image tokenizer service (images ⇄ codes), or encode / decode one image',
+    load: async () => (await import('./vq.js')).command,
+  },
 ];
 
 function topHelp(): string {
