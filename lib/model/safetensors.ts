@@ -18,6 +18,8 @@ export interface TensorInfo {
 const MAX_HEADER_BYTES = 100 * 1024 * 1024;
 
 export class SafetensorsFile {
+  /** Bytes per read() call: one call is limited to 2 GiB, an fp32 embedding is 3 GB. (Settable for tests.) */
+  static readChunkBytes = 1 << 30;
   private fd: number | null;
 
   private constructor(
@@ -71,7 +73,7 @@ export class SafetensorsFile {
         }
         const t = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
         const where = `${path}: tensor ${name}`;
-        if (typeof t?.dtype !== 'string' || !(t.dtype in bytesPerElement)) {
+        if (typeof t?.dtype !== 'string' || !Object.hasOwn(bytesPerElement, t.dtype)) {
           throw new CheckpointError(`${where}: unknown dtype ${JSON.stringify(t?.dtype)}`);
         }
         if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isInteger(d) && d >= 0)) {
@@ -115,18 +117,24 @@ export class SafetensorsFile {
     return t;
   }
 
-  /** The tensor's raw little-endian bytes, read with one positioned read. */
+  /** The tensor's raw little-endian bytes, read with positioned reads of its byte range only. */
   readRaw(name: string): Buffer {
     const t = this.info(name);
-    if (this.fd === null) throw new CheckpointError(`${this.path}: file already closed`);
     const buf = Buffer.allocUnsafe(t.end - t.begin);
+    this.readRange(name, t.begin, buf);
+    return buf;
+  }
+
+  /** Fills `target` from absolute offset `begin`, in chunks of readChunkBytes. */
+  private readRange(name: string, begin: number, target: Uint8Array): void {
+    if (this.fd === null) throw new CheckpointError(`${this.path}: file already closed`);
     let done = 0;
-    while (done < buf.length) {
-      const n = readSync(this.fd, buf, done, buf.length - done, t.begin + done);
+    while (done < target.length) {
+      const len = Math.min(target.length - done, SafetensorsFile.readChunkBytes);
+      const n = readSync(this.fd, target, done, len, begin + done);
       if (n === 0) throw new CheckpointError(`${this.path}: tensor ${name}: unexpected end of file (truncated file?)`);
       done += n;
     }
-    return buf;
   }
 
   /** Reads a float tensor (F32, BF16 or F16) as float32. */
@@ -136,6 +144,12 @@ export class SafetensorsFile {
       throw new CheckpointError(
         `${this.path}: tensor ${name} has dtype ${t.dtype}; only F32, BF16 and F16 are supported`,
       );
+    }
+    if (t.dtype === 'F32') {
+      // Straight into the result's memory: no second copy of a multi-GB tensor.
+      const out = new Float32Array((t.end - t.begin) / 4);
+      this.readRange(name, t.begin, new Uint8Array(out.buffer));
+      return out;
     }
     return toFloat32(t.dtype, this.readRaw(name));
   }
@@ -167,7 +181,7 @@ export interface TensorToWrite {
  */
 export function writeSafetensors(
   path: string,
-  tensors: { name: string; dtype: FloatDtype; shape: number[]; produce: () => Float32Array }[],
+  tensors: { name: string; dtype: FloatDtype | 'I64'; shape: number[]; produce: () => Float32Array }[],
   metadata: Record<string, string> = { format: 'pt' },
 ): void {
   const header: Record<string, unknown> = { __metadata__: metadata };
@@ -191,7 +205,13 @@ export function writeSafetensors(
       const expected = t.shape.reduce((a, b) => a * b, 1);
       if (data.length !== expected)
         throw new Error(`writeSafetensors: ${t.name} has ${data.length} values, shape needs ${expected}`);
-      writeSync(fd, fromFloat32(t.dtype, data));
+      // I64 (e.g. BatchNorm's num_batches_tracked) is written from integer-valued floats.
+      writeSync(
+        fd,
+        t.dtype === 'I64'
+          ? new Uint8Array(BigInt64Array.from(data, (v) => BigInt(v)).buffer)
+          : fromFloat32(t.dtype, data),
+      );
     }
   } finally {
     closeSync(fd);
