@@ -35,6 +35,21 @@ const commands: Entry[] = [
     summary: 'VQ image tokenizer service (images ⇄ codes), or encode / decode one image',
     load: async () => (await import('./vq.js')).command,
   },
+  {
+    name: 'coordinator',
+    summary: 'public Generate API in front of the shards',
+    load: async () => (await import('./coordinator.js')).command,
+  },
+  {
+    name: 'up',
+    summary: 'start vq + shards + coordinator on loopback (npm start)',
+    load: async () => (await import('./up.js')).command,
+  },
+  {
+    name: 'chat',
+    summary: 'stream an answer about images and text from the coordinator',
+    load: async () => (await import('./chat.js')).command,
+  },
 ];
 
 function topHelp(): string {

@@ -1,0 +1,375 @@
+// Stage benchmark: decode tokens/s at batch 1/4/16 and context 128/2048, prefill tokens/s, fp32 and int4, on the
+// `small` preset (whole model in one stage) and on ONE decoder layer with the real Emu3 shapes (hidden 4096,
+// intermediate 14336, 32 heads, 8 KV heads: a middle stage of a 3-layer checkpoint). Also: weight bytes read per
+// token, bandwidth efficiency (achieved weight GB/s ÷ this machine's read bandwidth, measured in the same run),
+// peak RSS while building / loading ÷ weight bytes (each in a fresh child process), int4-vs-fp32 greedy agreement.
+// Usage: node dist/bench/stage.js [--dir DIR] [--runs N] [--no-write]   (DIR keeps the generated checkpoints)
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import ort from 'onnxruntime-node';
+import { expectedTensors } from '../lib/model/checkpoint.js';
+import { parseEmu3Config } from '../lib/model/config.js';
+import { writeSafetensors } from '../lib/model/safetensors.js';
+import { tinyConfigJson, writeTinyEmu3 } from '../lib/model/tiny.js';
+import { GraphBuilder } from '../lib/onnx/graph.js';
+import type { Precision } from '../lib/onnx/stage-graph.js';
+import { type ForwardInput, StageRuntime } from '../lib/runtime/stage-runtime.js';
+import { Rng } from '../lib/util/rng.js';
+
+const args = process.argv.slice(2);
+const flag = (name: string) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const benchDir = flag('dir') ?? join(tmpdir(), 'emu3-bench-stage');
+const RUNS = Number(flag('runs') ?? 7);
+const CTX = [128, 2048];
+const BATCH = [1, 4, 16];
+
+interface Model {
+  name: string;
+  dir: string;
+  layers: [number, number];
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+function ensureSmall(): Model {
+  const dir = join(benchDir, 'small');
+  if (!existsSync(join(dir, 'config.json')))
+    writeTinyEmu3(dir, { seed: 1, preset: 'small', dtype: 'f32', shards: 2 }, console.error);
+  return { name: 'small (12 layers + embed + lm_head)', dir, layers: [0, 12] };
+}
+
+/** A 3-layer checkpoint with the real Emu3 layer shapes (bf16, tied embeddings); the bench runs layer 1 alone. */
+function ensureRealLayer(): Model {
+  const dir = join(benchDir, 'emu3-layer');
+  if (!existsSync(join(dir, 'config.json'))) {
+    mkdirSync(dir, { recursive: true });
+    const json = {
+      ...tinyConfigJson('small', 'bf16'),
+      hidden_size: 4096,
+      intermediate_size: 14336,
+      num_hidden_layers: 3,
+      num_attention_heads: 32,
+      num_key_value_heads: 8,
+      tie_word_embeddings: true,
+      max_position_embeddings: 4096,
+    };
+    const config = parseEmu3Config(json, 'bench emu3-layer');
+    const rng = new Rng(5);
+    const tensors = expectedTensors(config).map((t) => ({
+      name: t.name,
+      dtype: 'BF16' as const,
+      shape: t.shape,
+      produce: () => {
+        const n = t.shape.reduce((a, b) => a * b, 1);
+        const out = new Float32Array(n);
+        if (t.shape.length === 1) return out.fill(1);
+        const scale = 1 / Math.sqrt(t.shape[t.shape.length - 1]);
+        let x = rng.nextU32() | 1;
+        for (let i = 0; i < n; i++) {
+          x ^= x << 13;
+          x ^= x >>> 17;
+          x ^= x << 5;
+          out[i] = ((x >>> 0) / 2 ** 32 - 0.5) * 3.4 * scale;
+        }
+        return out;
+      },
+    }));
+    writeSafetensors(join(dir, 'model.safetensors'), tensors);
+    writeFileSync(join(dir, 'config.json'), `${JSON.stringify(json, null, 2)}\n`);
+  }
+  return { name: 'one Emu3 layer (4096/14336/32/8)', dir, layers: [1, 2] };
+}
+
+/** Machine read bandwidth: ORT ReduceSum over 1 GiB fed from JS (all cores), and a JS Float64Array sum. */
+async function readBandwidth(): Promise<{ ort: number; js: number }> {
+  const n = 2 ** 28;
+  const data = new Float32Array(n).fill(1);
+  const dir = join(benchDir, 'bw');
+  mkdirSync(dir, { recursive: true });
+  const g = new GraphBuilder(dir, 'sum');
+  g.input('x', 'float', [n]);
+  g.output(g.op('ReduceSum', ['x'], 'y', { keepdims: 0 }), 'float', []);
+  const session = await ort.InferenceSession.create(g.save());
+  const feeds = { x: new ort.Tensor('float32', data, [n]) };
+  const ortRates: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    const t0 = performance.now();
+    await session.run(feeds);
+    ortRates.push((n * 4) / ((performance.now() - t0) / 1000) / 1e9);
+  }
+  await session.release();
+  const f64 = new Float64Array(data.buffer);
+  const jsRates: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    let s = 0;
+    for (let j = 0; j < f64.length; j++) s += f64[j];
+    if (s === -1) console.log('');
+    jsRates.push((f64.length * 8) / ((performance.now() - t0) / 1000) / 1e9);
+  }
+  return { ort: median(ortRates), js: median(jsRates) };
+}
+
+/** Child-process probe: opens the stage and reports peak RSS (sampled) and weight bytes. */
+async function rssProbe(
+  dir: string,
+  first: number,
+  end: number,
+  precision: Precision,
+  cacheDir: string,
+): Promise<void> {
+  const base = process.memoryUsage().rss;
+  let peak = base;
+  const timer = setInterval(() => {
+    peak = Math.max(peak, process.memoryUsage().rss);
+  }, 5);
+  const rt = await StageRuntime.open({
+    modelDir: dir,
+    layers: [first, end],
+    precision,
+    maxSequences: 1,
+    maxSequenceLength: 16,
+    cacheDir,
+  });
+  peak = Math.max(peak, process.memoryUsage().rss);
+  clearInterval(timer);
+  console.log(JSON.stringify({ base, peak, weightBytes: rt.weightBytes, reused: rt.reusedGraph }));
+  await rt.close();
+}
+
+function probe(model: Model, precision: Precision, cacheDir: string): { ratio: number; reused: boolean } {
+  const out = execFileSync(
+    process.execPath,
+    [
+      fileURLToPath(import.meta.url),
+      '--rss-probe',
+      model.dir,
+      String(model.layers[0]),
+      String(model.layers[1]),
+      precision,
+      cacheDir,
+    ],
+    { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const r = JSON.parse(out.trim().split('\n').pop() as string);
+  return { ratio: (r.peak - r.base) / r.weightBytes, reused: r.reused };
+}
+
+interface Row {
+  model: string;
+  precision: Precision;
+  weightMiB: number;
+  readMiB: number;
+  buildRss: number;
+  loadRss: number;
+  prefill: number;
+  decode: Record<string, number>;
+  gbps: number;
+}
+
+async function benchModel(model: Model, precision: Precision): Promise<Row> {
+  // A fresh cache per configuration, so that the first probe really builds and the second really loads.
+  const cacheDir = join(benchDir, `cache-${model.layers.join('-')}-${precision}`);
+  rmSync(cacheDir, { recursive: true, force: true });
+  const build = probe(model, precision, cacheDir);
+  const load = probe(model, precision, cacheDir);
+  const rt = await StageRuntime.open({
+    modelDir: model.dir,
+    layers: model.layers,
+    precision,
+    maxSequences: 16,
+    maxSequenceLength: Math.max(...CTX) + 8,
+    cacheDir,
+  });
+  const D = rt.hiddenSize;
+  // The embedding is a Gather (one row per token), so a decode step reads every weight except the table.
+  const readBytes = rt.weightBytes - (rt.isFirst ? rt.vocabSize * D * 4 : 0);
+  const rng = new Rng(9);
+  const input = (tokens: number): ForwardInput =>
+    rt.isFirst
+      ? { tokens: Int32Array.from({ length: tokens }, () => rng.nextU32() % 151643) }
+      : { hidden: rng.fillNormal(new Float32Array(tokens * D), 1) };
+  // Prefill 2048 tokens into slot 0 in chunks of 512; copy it to the other slots (KV contents do not change timing).
+  const chunk = 512;
+  const t0 = performance.now();
+  for (let start = 0; start < 2048; start += chunk) await rt.forward([{ slot: 0, start, length: chunk }], input(chunk));
+  const prefill = 2048 / ((performance.now() - t0) / 1000);
+  for (let s = 1; s < 16; s++) await rt.copyKv(0, s, 2048);
+  const decode: Record<string, number> = {};
+  let gbps = 0;
+  for (const ctx of [...CTX].sort((a, b) => b - a)) {
+    for (const batch of BATCH) {
+      const items = Array.from({ length: batch }, (_, slot) => ({ slot, start: ctx, length: 1 }));
+      const times: number[] = [];
+      for (let i = 0; i < RUNS + 2; i++) {
+        const inp = input(batch);
+        const t = performance.now();
+        await rt.forward(items, inp);
+        if (i >= 2) times.push((performance.now() - t) / 1000);
+      }
+      const step = median(times);
+      decode[`${batch}@${ctx}`] = batch / step;
+      if (batch === 1 && ctx === 128) gbps = readBytes / step / 1e9;
+    }
+  }
+  await rt.close();
+  return {
+    model: model.name,
+    precision,
+    weightMiB: rt.weightBytes / 2 ** 20,
+    readMiB: readBytes / 2 ** 20,
+    buildRss: build.ratio,
+    loadRss: load.ratio,
+    prefill,
+    decode,
+    gbps,
+  };
+}
+
+/** Greedy agreement int4 vs fp32 on `small`: first 8 tokens on 3 prompts. */
+async function int4Agreement(model: Model): Promise<number[]> {
+  const open = (precision: Precision) =>
+    StageRuntime.open({
+      modelDir: model.dir,
+      layers: model.layers,
+      precision,
+      maxSequences: 1,
+      maxSequenceLength: 64,
+      cacheDir: join(benchDir, `cache-${model.layers.join('-')}-${precision}`),
+    });
+  const greedy = async (rt: StageRuntime, prompt: number[]) => {
+    const tokens: number[] = [];
+    let out = await rt.forward([{ slot: 0, start: 0, length: prompt.length }], { tokens: Int32Array.from(prompt) });
+    while (tokens.length < 8) {
+      if (!('logits' in out)) throw new Error('not the last stage');
+      const logits = out.logits;
+      let best = 0;
+      for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+      tokens.push(best);
+      if (tokens.length < 8)
+        out = await rt.forward([{ slot: 0, start: prompt.length + tokens.length - 1, length: 1 }], {
+          tokens: Int32Array.of(best),
+        });
+    }
+    return tokens;
+  };
+  const prompts = [0, 1, 2].map((p) => {
+    const rng = new Rng(200 + p);
+    return Array.from({ length: 16 }, () => rng.nextU32() % 151643);
+  });
+  const results: number[][][] = [];
+  for (const precision of ['fp32', 'int4'] as const) {
+    const rt = await open(precision);
+    results.push([]);
+    for (const p of prompts) results[results.length - 1].push(await greedy(rt, p));
+    await rt.close();
+  }
+  return prompts.map((_, i) => {
+    let n = 0;
+    while (n < 8 && results[0][i][n] === results[1][i][n]) n++;
+    return n;
+  });
+}
+
+function table(rows: Row[], bw: { ort: number; js: number }): string {
+  const machine = Math.max(bw.ort, bw.js);
+  const cols = CTX.flatMap((c) => BATCH.map((b) => `${b}@${c}`));
+  const head = [
+    'model',
+    'prec',
+    'weight file MiB',
+    'read/step MiB',
+    ...cols.map((c) => `tok/s b${c.replace('@', ' ctx')}`),
+    'prefill tok/s',
+    'GB/s b1 ctx128',
+    'bw eff',
+    'ctx2048/ctx128 b1',
+    'RSS build',
+    'RSS load',
+  ];
+  const lines = [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`];
+  for (const r of rows) {
+    lines.push(
+      `| ${[
+        r.model,
+        r.precision,
+        r.weightMiB.toFixed(0),
+        r.readMiB.toFixed(0),
+        ...cols.map((c) => r.decode[c].toFixed(2)),
+        r.prefill.toFixed(1),
+        r.gbps.toFixed(2),
+        (r.gbps / machine).toFixed(2),
+        (r.decode['1@128'] / r.decode['1@2048']).toFixed(2),
+        r.buildRss.toFixed(2),
+        r.loadRss.toFixed(2),
+      ].join(' | ')} |`,
+    );
+  }
+  return lines.join('\n');
+}
+
+async function main(): Promise<void> {
+  if (args[0] === '--rss-probe') {
+    await rssProbe(args[1], Number(args[2]), Number(args[3]), args[4] as Precision, args[5]);
+    return;
+  }
+  mkdirSync(benchDir, { recursive: true });
+  const started = Date.now();
+  const models = [ensureSmall(), ensureRealLayer()];
+  const bw = await readBandwidth();
+  console.error(
+    `read bandwidth: ORT ReduceSum ${bw.ort.toFixed(1)} GB/s, JS Float64Array sum ${bw.js.toFixed(1)} GB/s`,
+  );
+  const rows: Row[] = [];
+  for (const model of models) {
+    for (const precision of ['fp32', 'int4'] as const) {
+      const row = await benchModel(model, precision);
+      console.error(JSON.stringify(row));
+      rows.push(row);
+    }
+  }
+  const agree = await int4Agreement(models[0]);
+  const text = [
+    table(rows, bw),
+    '',
+    `Machine read bandwidth in this run: ORT ReduceSum over 1 GiB ${bw.ort.toFixed(1)} GB/s, JS Float64Array sum ${bw.js.toFixed(1)} GB/s (efficiency uses the larger).`,
+    `Weight bytes read per token = read/step MiB ÷ batch (a decode step reads every weight once, except the embedding table, which is gathered). GB/s = read/step bytes ÷ step time. int4 vs fp32 on small, first 8 greedy tokens agreeing on 3 prompts: ${agree.join(', ')}.`,
+    `Total bench time ${((Date.now() - started) / 1000).toFixed(0)} s.`,
+  ].join('\n');
+  console.log(text);
+  if (!args.includes('--no-write')) writeSection(text);
+}
+
+function writeSection(text: string): void {
+  const path = join(fileURLToPath(new URL('../..', import.meta.url)), 'BENCHMARKS.md');
+  const header = '## Stage';
+  const body = [
+    header,
+    '',
+    'Command: `npm run bench:stage` (builds, then `node dist/bench/stage.js [--dir DIR] [--runs N]`). Generates the',
+    '`small` preset and a 3-layer checkpoint with the real Emu3 layer shapes (bench runs its layer 1 as a middle stage),',
+    'builds each stage graph, then times decode steps (median of N runs; batch b = b sequences, one new token each, at',
+    'context c) and a 2048-token prefill in chunks of 512. RSS columns: peak RSS growth of a fresh process while',
+    'building (cold cache) / loading (warm cache) the stage, divided by the weight file size.',
+    '',
+    text,
+    '',
+  ].join('\n');
+  let doc = existsSync(path) ? readFileSync(path, 'utf8') : '# Benchmarks\n';
+  const start = doc.indexOf(`${header}\n`);
+  if (start >= 0) {
+    const next = doc.indexOf('\n## ', start + header.length);
+    doc = doc.slice(0, start) + body + (next >= 0 ? doc.slice(next + 1) : '');
+  } else {
+    doc = `${doc.trimEnd()}\n\n${body}`;
+  }
+  writeFileSync(path, doc);
+}
+
+await main();

@@ -1,0 +1,172 @@
+// A pipeline stage on this machine: decoder layers [first, end) of a checkpoint, its ORT session in a worker thread
+// and a KV arena for `maxSequences` sequences of up to `maxSequenceLength` tokens. This is what a shard wraps.
+//
+//   const rt = await StageRuntime.open({ modelDir, layers: [0, 32], precision: 'fp32', maxSequences: 8, maxSequenceLength: 4096 });
+//   await rt.forward([{ slot: 0, start: 0, length: 12 }], { tokens })   // prefill (or one chunk of it)
+//   await rt.forward([{ slot: 0, start: 12, length: 1 }, { slot: 3, start: 40, length: 1 }], { tokens })  // decode
+//
+// The last stage returns the logits of the last new position of each item ([items, vocab]); other stages return
+// the hidden states of all new positions ([tokens, hidden]) in item order, ready for the next stage.
+import { Worker } from 'node:worker_threads';
+import type { Precision, StageShape } from '../onnx/stage-graph.js';
+import type { ForwardInput, ForwardItem, ForwardOutput, ReadyInfo, Reply, Request, WorkerInit } from './protocol.js';
+
+export type { ForwardInput, ForwardItem, ForwardOutput } from './protocol.js';
+
+export interface StageRuntimeOptions {
+  modelDir: string;
+  /** [first, end): end is exclusive. */
+  layers: [number, number];
+  precision: Precision;
+  maxSequences: number;
+  maxSequenceLength: number;
+  cacheDir?: string;
+  /** ORT intra-op threads (default: all cores). */
+  threads?: number;
+  log?: (msg: string) => void;
+}
+
+type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
+type Pending = { resolve: (v: ForwardOutput | undefined) => void; reject: (e: Error) => void };
+
+export class StageRuntime {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private closed = false;
+
+  private constructor(
+    private readonly worker: Worker,
+    private readonly info: ReadyInfo,
+  ) {
+    worker.on('message', (reply: Reply) => this.onReply(reply));
+    worker.on('error', (e) => this.failAll(e));
+    worker.on('exit', (code) => this.failAll(new Error(`stage worker exited (code ${code})`)));
+  }
+
+  static open(opts: StageRuntimeOptions): Promise<StageRuntime> {
+    const [first, end] = opts.layers;
+    for (const [name, v] of [
+      ['maxSequences', opts.maxSequences],
+      ['maxSequenceLength', opts.maxSequenceLength],
+    ] as const) {
+      if (!Number.isInteger(v) || v < 1) throw new Error(`StageRuntime: ${name} must be an integer ≥ 1, got ${v}`);
+    }
+    const init: WorkerInit = {
+      modelDir: opts.modelDir,
+      first,
+      end,
+      precision: opts.precision,
+      maxSequences: opts.maxSequences,
+      maxSequenceLength: opts.maxSequenceLength,
+      cacheDir: opts.cacheDir,
+      threads: opts.threads,
+    };
+    const worker = new Worker(new URL('./stage-worker.js', import.meta.url), { workerData: init });
+    const log = opts.log ?? (() => {});
+    return new Promise((resolve, reject) => {
+      const onMessage = (reply: Reply) => {
+        if (reply.type === 'log') log(reply.message);
+        else if (reply.type === 'failed') {
+          cleanup();
+          void worker.terminate();
+          reject(new Error(`stage [${first}, ${end}) of ${opts.modelDir}: ${reply.error}`));
+        } else if (reply.type === 'ready') {
+          cleanup();
+          const rt = new StageRuntime(worker, reply.info);
+          worker.on('message', (r: Reply) => r.type === 'log' && log(r.message));
+          resolve(rt);
+        }
+      };
+      const onError = (e: Error) => {
+        cleanup();
+        reject(e);
+      };
+      const cleanup = () => {
+        worker.off('message', onMessage);
+        worker.off('error', onError);
+      };
+      worker.on('message', onMessage);
+      worker.on('error', onError);
+    });
+  }
+
+  get shape(): StageShape {
+    return this.info.shape;
+  }
+  get first(): number {
+    return this.info.shape.layers[0];
+  }
+  /** Exclusive. */
+  get last(): number {
+    return this.info.shape.layers[this.info.shape.layers.length - 1] + 1;
+  }
+  get isFirst(): boolean {
+    return this.info.shape.isFirst;
+  }
+  get isLast(): boolean {
+    return this.info.shape.isLast;
+  }
+  get hiddenSize(): number {
+    return this.info.shape.hiddenSize;
+  }
+  get vocabSize(): number {
+    return this.info.shape.vocabSize;
+  }
+  /** Bytes of the KV arena. */
+  get kvBytes(): number {
+    return this.info.kvBytes;
+  }
+  /** Bytes of the stage's weight file. */
+  get weightBytes(): number {
+    return this.info.weightBytes;
+  }
+  /** Whether the graph came from the cache rather than being built now. */
+  get reusedGraph(): boolean {
+    return this.info.reusedGraph;
+  }
+
+  forward(items: ForwardItem[], input: ForwardInput): Promise<ForwardOutput> {
+    return this.request({ type: 'forward', items, input }) as Promise<ForwardOutput>;
+  }
+
+  /** Copies the first `length` cached positions of `fromSlot` into `toSlot` (prefix reuse). */
+  async copyKv(fromSlot: number, toSlot: number, length: number): Promise<void> {
+    await this.request({ type: 'copyKv', from: fromSlot, to: toSlot, length });
+  }
+
+  /** Marks a slot empty (its next use starts at 0). */
+  async free(slot: number): Promise<void> {
+    await this.request({ type: 'free', slot });
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.request({ type: 'close' }).catch(() => {});
+    this.closed = true;
+    await this.worker.terminate();
+  }
+
+  private request(req: WithoutId<Request>): Promise<ForwardOutput | undefined> {
+    if (this.closed) return Promise.reject(new Error('StageRuntime is closed'));
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ ...req, id } as Request);
+    });
+  }
+
+  private onReply(reply: Reply): void {
+    if (reply.type !== 'result' && reply.type !== 'error') return;
+    const p = this.pending.get(reply.id);
+    if (!p) return;
+    this.pending.delete(reply.id);
+    if (reply.type === 'error') p.reject(new Error(reply.error));
+    else p.resolve(reply.output);
+  }
+
+  private failAll(e: Error): void {
+    this.closed = true;
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+  }
+}

@@ -1,0 +1,81 @@
+// The worker thread that owns a stage's ORT session and KV arena (session.run blocks its thread, so it must not be
+// the thread that serves gRPC). It builds or reuses the cached graph, then serves requests strictly one at a time.
+import { availableParallelism } from 'node:os';
+import { parentPort, workerData } from 'node:worker_threads';
+import ort from 'onnxruntime-node';
+import { Checkpoint } from '../model/checkpoint.js';
+import { ensureStageGraph } from '../onnx/graph-cache.js';
+import type { Reply, Request, WorkerInit } from './protocol.js';
+import { StageExecutor } from './stage-executor.js';
+
+const port = parentPort;
+if (!port) throw new Error('stage-worker.js must run in a worker thread');
+const post = (reply: Reply, transfer: ArrayBuffer[] = []) => port.postMessage(reply, transfer);
+const log = (message: string) => post({ type: 'log', message });
+
+async function open(init: WorkerInit): Promise<StageExecutor> {
+  const ckpt = Checkpoint.open(init.modelDir);
+  let cached: ReturnType<typeof ensureStageGraph>;
+  try {
+    cached = ensureStageGraph(
+      ckpt,
+      { first: init.first, end: init.end, precision: init.precision },
+      { cacheDir: init.cacheDir, log },
+    );
+  } finally {
+    ckpt.close();
+  }
+  const session = await ort.InferenceSession.create(cached.onnxPath, {
+    intraOpNumThreads: init.threads ?? availableParallelism(),
+    interOpNumThreads: 1,
+    graphOptimizationLevel: 'all',
+  });
+  const executor = new StageExecutor(session, cached.shape, init.maxSequences, init.maxSequenceLength);
+  post({
+    type: 'ready',
+    info: {
+      shape: cached.shape,
+      kvBytes: executor.arena.bytes,
+      weightBytes: cached.weightBytes,
+      reusedGraph: cached.reused,
+      onnxPath: cached.onnxPath,
+    },
+  });
+  return executor;
+}
+
+async function handle(executor: StageExecutor, req: Request): Promise<void> {
+  try {
+    switch (req.type) {
+      case 'forward': {
+        const output = await executor.forward(req.items, req.input);
+        const buffer = 'logits' in output ? output.logits.buffer : output.hidden.buffer;
+        post({ type: 'result', id: req.id, output }, [buffer as ArrayBuffer]);
+        return;
+      }
+      case 'copyKv':
+        executor.copyKv(req.from, req.to, req.length);
+        break;
+      case 'free':
+        executor.free(req.slot);
+        break;
+      case 'close':
+        post({ type: 'result', id: req.id });
+        port?.close();
+        return;
+    }
+    post({ type: 'result', id: req.id });
+  } catch (e) {
+    post({ type: 'error', id: req.id, error: e instanceof Error ? e.message : String(e) });
+  }
+}
+
+try {
+  const executor = await open(workerData as WorkerInit);
+  let queue = Promise.resolve();
+  port.on('message', (req: Request) => {
+    queue = queue.then(() => handle(executor, req));
+  });
+} catch (e) {
+  post({ type: 'failed', error: e instanceof Error ? e.message : String(e) });
+}
