@@ -1,0 +1,53 @@
+// Client side of the same contracts: a client for a service by its full name, and a promise-returning unary call.
+import * as grpc from '@grpc/grpc-js';
+import { serviceClient } from './proto.js';
+import { DEFAULT_MAX_MESSAGE_BYTES } from './serve.js';
+
+export interface ClientOptions {
+  /** grpc.max_receive_message_length and max_send_message_length. Default 64 MiB. */
+  maxMessageBytes?: number;
+  channelOptions?: grpc.ChannelOptions;
+}
+
+export function createClient(
+  files: string | string[],
+  fullName: string,
+  address: string,
+  opts: ClientOptions = {},
+): grpc.Client {
+  const Client = serviceClient(files, fullName);
+  const max = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+  return new Client(address, grpc.credentials.createInsecure(), {
+    'grpc.max_receive_message_length': max,
+    'grpc.max_send_message_length': max,
+    ...opts.channelOptions,
+  });
+}
+
+export interface CallOptions {
+  /** Milliseconds from now. Default: none. */
+  deadlineMs?: number;
+  metadata?: grpc.Metadata;
+}
+
+/** Calls a unary method; rejects with the grpc ServiceError (its .code is the status). */
+export function unaryCall<Req, Res>(
+  client: grpc.Client,
+  method: string,
+  request: Req,
+  opts: CallOptions = {},
+): Promise<Res> {
+  const fn = (client as unknown as Record<string, unknown>)[method];
+  if (typeof fn !== 'function') return Promise.reject(new Error(`client has no method ${method}`));
+  const callOptions: grpc.CallOptions = {};
+  if (opts.deadlineMs !== undefined) callOptions.deadline = Date.now() + opts.deadlineMs;
+  return new Promise<Res>((resolve, reject) => {
+    fn.call(
+      client,
+      request,
+      opts.metadata ?? new grpc.Metadata(),
+      callOptions,
+      (err: grpc.ServiceError | null, res: Res) => (err ? reject(err) : resolve(res)),
+    );
+  });
+}

@@ -1,0 +1,54 @@
+// Structured logs: one JSON object per line on stderr (stdout stays free for command output such as `emu3 vq encode`).
+// Fields: ts (ISO time), level, service, msg, then whatever the caller adds. EMU3_LOG_LEVEL sets the threshold.
+
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+export type LogFields = Record<string, unknown>;
+
+const rank: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+export interface Logger {
+  debug(msg: string, fields?: LogFields): void;
+  info(msg: string, fields?: LogFields): void;
+  warn(msg: string, fields?: LogFields): void;
+  error(msg: string, fields?: LogFields): void;
+  /** A logger whose lines also carry `fields` (for example the method name). */
+  child(fields: LogFields): Logger;
+}
+
+export interface LoggerOptions {
+  /** Default: EMU3_LOG_LEVEL, else 'info'. */
+  level?: LogLevel;
+  /** Where lines go. Default: process.stderr. */
+  write?: (line: string) => void;
+}
+
+function envLevel(): LogLevel {
+  const v = process.env.EMU3_LOG_LEVEL;
+  return v === 'debug' || v === 'info' || v === 'warn' || v === 'error' ? v : 'info';
+}
+
+/** Errors become { name, message, stack } so they survive JSON.stringify. */
+function plain(value: unknown): unknown {
+  if (value instanceof Error) return { name: value.name, message: value.message, stack: value.stack };
+  if (typeof value === 'bigint') return value.toString();
+  return value;
+}
+
+export function createLogger(service: string, opts: LoggerOptions = {}, base: LogFields = {}): Logger {
+  const threshold = rank[opts.level ?? envLevel()];
+  const write = opts.write ?? ((line: string) => process.stderr.write(line));
+  const emit = (level: LogLevel, msg: string, fields?: LogFields) => {
+    if (rank[level] < threshold) return;
+    const record: LogFields = { ts: new Date().toISOString(), level, service, msg };
+    for (const [k, v] of Object.entries(base)) record[k] = plain(v);
+    if (fields) for (const [k, v] of Object.entries(fields)) record[k] = plain(v);
+    write(`${JSON.stringify(record)}\n`);
+  };
+  return {
+    debug: (msg, fields) => emit('debug', msg, fields),
+    info: (msg, fields) => emit('info', msg, fields),
+    warn: (msg, fields) => emit('warn', msg, fields),
+    error: (msg, fields) => emit('error', msg, fields),
+    child: (fields) => createLogger(service, opts, { ...base, ...fields }),
+  };
+}

@@ -1,0 +1,84 @@
+// A bounded pool: each request takes a worker (one request in flight per worker); when all are busy it waits in a
+// FIFO queue of at most `queueLimit`; one more is refused at once with RESOURCE_EXHAUSTED, so overload never becomes
+// unbounded memory. A request whose client goes away while it waits leaves the queue.
+import { Cancelled, ResourceExhausted } from '../../lib/rpc/errors.js';
+
+interface Waiter<W> {
+  grant: (worker: W) => void;
+  reject: (err: unknown) => void;
+}
+
+export class WorkerPool<W> {
+  private readonly idle: W[];
+  private readonly waiting: Waiter<W>[] = [];
+
+  constructor(
+    workers: W[],
+    /** Requests that may wait for a worker; 0 = refuse whenever every worker is busy. */
+    readonly queueLimit: number,
+    /** Names the pool in messages, e.g. 'vq'. */
+    private readonly name: string,
+  ) {
+    if (workers.length === 0) throw new RangeError(`${name} pool needs at least one worker`);
+    if (!Number.isInteger(queueLimit) || queueLimit < 0)
+      throw new RangeError(`${name} queue limit must be an integer >= 0, got ${queueLimit}`);
+    this.idle = [...workers];
+    this.size = workers.length;
+  }
+
+  readonly size: number;
+
+  get queued(): number {
+    return this.waiting.length;
+  }
+
+  get busy(): number {
+    return this.size - this.idle.length;
+  }
+
+  /** Runs `task` on a free worker, waiting in the queue if needed. */
+  async run<T>(task: (worker: W) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    const worker = await this.acquire(signal);
+    try {
+      return await task(worker);
+    } finally {
+      this.release(worker);
+    }
+  }
+
+  private acquire(signal?: AbortSignal): Promise<W> {
+    if (signal?.aborted) return Promise.reject(new Cancelled(`${this.name}: request cancelled before it started`));
+    const free = this.idle.pop();
+    if (free !== undefined) return Promise.resolve(free);
+    if (this.waiting.length >= this.queueLimit) {
+      return Promise.reject(
+        new ResourceExhausted(
+          `${this.name}: server busy: all ${this.size} worker(s) are running and the queue is full ` +
+            `(queue limit ${this.queueLimit}); retry later`,
+        ),
+      );
+    }
+    return new Promise<W>((resolve, reject) => {
+      const onAbort = () => {
+        const i = this.waiting.indexOf(waiter);
+        if (i >= 0) this.waiting.splice(i, 1);
+        reject(new Cancelled(`${this.name}: request cancelled while queued`));
+      };
+      const waiter: Waiter<W> = {
+        grant: (w) => {
+          signal?.removeEventListener('abort', onAbort);
+          resolve(w);
+        },
+        reject,
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.waiting.push(waiter);
+    });
+  }
+
+  private release(worker: W): void {
+    const next = this.waiting.shift();
+    if (next) next.grant(worker);
+    else this.idle.push(worker);
+  }
+}

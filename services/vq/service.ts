@@ -1,0 +1,113 @@
+// emu3.internal.v1.VqService handlers (proto/emu3/internal/v1/vq.proto): validate cheaply up front, then run the
+// pipeline on a codec from the bounded pool.
+import type * as grpc from '@grpc/grpc-js';
+import { InvalidArgument } from '../../lib/rpc/errors.js';
+import { implement, unary } from '../../lib/rpc/handlers.js';
+import type { Logger } from '../../lib/rpc/log.js';
+import type { VqCodec } from '../../lib/vq/codec.js';
+import { codesFromBytes, codesToBytes } from './codes.js';
+import { checkImage, decodeToPng, encodeImage, mapVqError, type VqModelInfo } from './pipeline.js';
+import type { WorkerPool } from './pool.js';
+
+export const VQ_PROTO = 'emu3/internal/v1/vq.proto';
+export const VQ_SERVICE = 'emu3.internal.v1.VqService';
+
+/** The messages of vq.proto as proto-loader gives them (keepCase, bytes as Buffer, longs as numbers). */
+export interface EncodeRequest {
+  image: Buffer;
+  mime_type: string;
+}
+export interface EncodeResponse {
+  h: number;
+  w: number;
+  codes: Buffer;
+  resized_height: number;
+  resized_width: number;
+  original_height: number;
+  original_width: number;
+}
+export interface DecodeRequest {
+  h: number;
+  w: number;
+  codes: Buffer;
+}
+export interface DecodeResponse {
+  png: Buffer;
+  height: number;
+  width: number;
+}
+export interface InfoResponse {
+  codebook_size: number;
+  spatial_factor: number;
+  min_pixels: number;
+  max_pixels: number;
+  pixel_limit: number;
+  max_codes: number;
+  queue_limit: number;
+  workers: number;
+  fingerprint: string;
+  max_message_bytes: number;
+}
+
+const MAX_MIME_TYPE_LENGTH = 256;
+
+export interface VqServiceDeps {
+  info: VqModelInfo;
+  pool: WorkerPool<VqCodec>;
+  maxMessageBytes: number;
+  log: Logger;
+}
+
+export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServiceImplementation {
+  const { info, pool } = deps;
+  return implement(
+    { service: 'VqService', log: deps.log, mapError: mapVqError },
+    {
+      Encode: unary(async (req: EncodeRequest, ctx): Promise<EncodeResponse> => {
+        if (req.mime_type.length > MAX_MIME_TYPE_LENGTH) {
+          throw new InvalidArgument(
+            `mime_type is ${req.mime_type.length} characters, more than the limit of ${MAX_MIME_TYPE_LENGTH}`,
+          );
+        }
+        if (req.image.length === 0) throw new InvalidArgument('image is empty (0 bytes)');
+        await checkImage(req.image, info);
+        const started = performance.now();
+        const r = await pool.run((codec) => encodeImage(codec, req.image, info), ctx.signal);
+        ctx.log.debug('encoded', {
+          bytes: req.image.length,
+          mimeType: req.mime_type || undefined,
+          original: `${r.originalHeight}x${r.originalWidth}`,
+          grid: `${r.h}x${r.w}`,
+          ms: Math.round(performance.now() - started),
+        });
+        return {
+          h: r.h,
+          w: r.w,
+          codes: codesToBytes(r.codes),
+          resized_height: r.resizedHeight,
+          resized_width: r.resizedWidth,
+          original_height: r.originalHeight,
+          original_width: r.originalWidth,
+        };
+      }),
+      Decode: unary(async (req: DecodeRequest, ctx): Promise<DecodeResponse> => {
+        const codes = codesFromBytes(req.h, req.w, req.codes, info);
+        return pool.run((codec) => decodeToPng(codec, codes, req.h, req.w, info), ctx.signal);
+      }),
+      Info: unary(
+        async (): Promise<InfoResponse> => ({
+          codebook_size: info.codebookSize,
+          spatial_factor: info.spatialFactor,
+          min_pixels: info.preprocessor.minPixels,
+          max_pixels: info.preprocessor.maxPixels,
+          pixel_limit: info.pixelLimit,
+          max_codes: info.maxCodes,
+          queue_limit: pool.queueLimit,
+          workers: pool.size,
+          fingerprint: info.fingerprint,
+          max_message_bytes: deps.maxMessageBytes,
+        }),
+      ),
+    },
+  );
+}
