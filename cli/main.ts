@@ -36,6 +36,11 @@ const commands: Entry[] = [
     load: async () => (await import('./vq.js')).command,
   },
   {
+    name: 'shard',
+    summary: 'serve decoder layers [A, B) as one pipeline stage',
+    load: async () => (await import('./shard.js')).command,
+  },
+  {
     name: 'coordinator',
     summary: 'public Generate API in front of the shards',
     load: async () => (await import('./coordinator.js')).command,

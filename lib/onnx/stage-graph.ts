@@ -18,6 +18,7 @@ import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
 import type { GraphBuilder } from './graph.js';
 import { type Int4Scheme, quantizeInt4 } from './int4.js';
+import { addSamplingHead } from './sampling-head.js';
 
 export type Precision = 'fp32' | 'int4';
 export const PRECISIONS: readonly Precision[] = ['fp32', 'int4'];
@@ -132,6 +133,7 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
   for (const layer of shape.layers) h = decoderLayer(ctx, layer, h, positions);
   if (shape.isLast) {
     g.output(lmHead(ctx, h), 'float', ['batch', c.vocabSize]);
+    addSamplingHead(g, io.logits, c.vocabSize); // sampling.* inputs/outputs (sampling-head.ts)
   } else {
     g.output(g.op('Identity', [h], io.hiddenOut), 'float', ['tokens', c.hiddenSize]);
   }

@@ -1,4 +1,5 @@
 // Messages between StageRuntime (main thread) and its worker thread.
+import type { SamplingRow } from '../onnx/sampling-head.js';
 import type { Precision, StageShape } from '../onnx/stage-graph.js';
 
 export interface ForwardItem {
@@ -11,7 +12,19 @@ export interface ForwardItem {
 }
 
 export type ForwardInput = { tokens: Int32Array } | { hidden: Float32Array };
-export type ForwardOutput = { hidden: Float32Array } | { logits: Float32Array };
+export type ForwardOutput = { hidden: Float32Array } | { logits: Float32Array } | SampledOutput;
+
+/** The last stage with `sampling` rows: the in-graph head's results (sampling-head.ts); full logits stay in ORT. */
+export interface SampledOutput {
+  /** Candidates per item (the largest topK of the call's rows; an item uses its own first topK). */
+  k: number;
+  /** [items, k] most likely first, ties by lower id. */
+  topIds: Int32Array;
+  /** [items, k] logprobs normalised over the whole vocabulary (after mask, penalty, temperature). */
+  topLogprobs: Float32Array;
+  /** Per item: the whole row of logprobs [vocab] when its row asked for fullRow, else null. */
+  fullRows: (Float32Array | null)[];
+}
 
 export interface WorkerInit {
   modelDir: string;
@@ -33,7 +46,7 @@ export interface ReadyInfo {
 }
 
 export type Request =
-  | { id: number; type: 'forward'; items: ForwardItem[]; input: ForwardInput }
+  | { id: number; type: 'forward'; items: ForwardItem[]; input: ForwardInput; sampling?: SamplingRow[] }
   | { id: number; type: 'copyKv'; from: number; to: number; length: number }
   | { id: number; type: 'free'; slot: number }
   | { id: number; type: 'close' };

@@ -3,9 +3,15 @@
 // contiguous arena rows (GroupQueryAttention takes a shared query length per run), and results are put back in the
 // caller's order.
 import ort from 'onnxruntime-node';
+import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
 import { io, type StageShape } from '../onnx/stage-graph.js';
 import { KvArena } from './kv-arena.js';
-import type { ForwardInput, ForwardItem, ForwardOutput } from './protocol.js';
+import type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
+
+type GroupResult =
+  | { logits: Float32Array }
+  | { hidden: Float32Array }
+  | { topIds: BigInt64Array; topLogprobs: Float32Array; full?: Float32Array };
 
 export class StageExecutor {
   readonly arena: KvArena;
@@ -25,12 +31,30 @@ export class StageExecutor {
     });
   }
 
-  async forward(items: ForwardItem[], input: ForwardInput): Promise<ForwardOutput> {
+  /** With `sampling` (last stage, one row per item) the in-graph head answers instead of the logits. */
+  async forward(items: ForwardItem[], input: ForwardInput, sampling?: SamplingRow[]): Promise<ForwardOutput> {
     const offsets = this.validate(items, input);
     const D = this.shape.hiddenSize;
     const V = this.shape.vocabSize;
     const total = offsets[items.length];
-    const out = this.shape.isLast ? new Float32Array(items.length * V) : new Float32Array(total * D);
+    let sampled: SampledOutput | undefined;
+    if (sampling) {
+      if (!this.shape.isLast) throw new Error('forward: sampling rows are for the last stage only');
+      if (sampling.length !== items.length)
+        throw new Error(`forward: ${sampling.length} sampling rows for ${items.length} items (one per item)`);
+      const k = runTopK(sampling, V);
+      sampled = {
+        k,
+        topIds: new Int32Array(items.length * k),
+        topLogprobs: new Float32Array(items.length * k),
+        fullRows: items.map(() => null),
+      };
+    }
+    const out = sampled
+      ? new Float32Array(0)
+      : this.shape.isLast
+        ? new Float32Array(items.length * V)
+        : new Float32Array(total * D);
     const groups = new Map<number, number[]>();
     items.forEach((item, i) => {
       const group = groups.get(item.length) ?? [];
@@ -40,12 +64,21 @@ export class StageExecutor {
     for (const [length, members] of groups) {
       const firstRow = this.arena.gather(members.map((i) => items[i].slot));
       members.sort((a, b) => this.arena.row(items[a].slot) - this.arena.row(items[b].slot));
-      const result = await this.runGroup(items, members, length, firstRow, input, offsets);
+      const rows = sampled && sampling ? { rows: members.map((i) => sampling[i]), k: sampled.k } : undefined;
+      const result = await this.runGroup(items, members, length, firstRow, input, offsets, rows);
       members.forEach((itemIndex, b) => {
-        if ('logits' in result) out.set(result.logits.subarray(b * V, (b + 1) * V), itemIndex * V);
-        else out.set(result.hidden.subarray(b * length * D, (b + 1) * length * D), offsets[itemIndex] * D);
+        if ('topIds' in result && sampled) {
+          const k = sampled.k;
+          for (let j = 0; j < k; j++) sampled.topIds[itemIndex * k + j] = Number(result.topIds[b * k + j]);
+          sampled.topLogprobs.set(result.topLogprobs.subarray(b * k, (b + 1) * k), itemIndex * k);
+          if (result.full && sampling?.[itemIndex].fullRow)
+            sampled.fullRows[itemIndex] = result.full.slice(b * V, (b + 1) * V);
+        } else if ('logits' in result) out.set(result.logits.subarray(b * V, (b + 1) * V), itemIndex * V);
+        else if ('hidden' in result)
+          out.set(result.hidden.subarray(b * length * D, (b + 1) * length * D), offsets[itemIndex] * D);
       });
     }
+    if (sampled) return sampled;
     return this.shape.isLast ? { logits: out } : { hidden: out };
   }
 
@@ -72,7 +105,8 @@ export class StageExecutor {
     firstRow: number,
     input: ForwardInput,
     offsets: number[],
-  ): Promise<{ logits: Float32Array } | { hidden: Float32Array }> {
+    sampling?: { rows: SamplingRow[]; k: number },
+  ): Promise<GroupResult> {
     const B = members.length;
     const { hiddenSize: D, kvHeads, headDim } = this.shape;
     const L = this.maxSequenceLength;
@@ -105,7 +139,19 @@ export class StageExecutor {
       feeds[io.pastKey(layer)] = new ort.Tensor('float32', view.key, [B, kvHeads, L, headDim]);
       feeds[io.pastValue(layer)] = new ort.Tensor('float32', view.value, [B, kvHeads, L, headDim]);
     });
-    const result = await this.session.run(feeds);
+    const fetches = this.shape.layers.flatMap((layer) => [io.newKey(layer), io.newValue(layer)]);
+    if (this.shape.isLast) {
+      // The head's inputs are always fed; only the fetched outputs are computed (no full row unless asked).
+      const rows = sampling?.rows ?? members.map(() => NEUTRAL_ROW);
+      for (const [name, t] of Object.entries(samplingFeeds(rows, this.shape.vocabSize, sampling?.k)))
+        feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
+      if (!sampling) fetches.push(io.logits);
+      else {
+        fetches.push(samplingIo.topIds, samplingIo.topLogprobs);
+        if (rows.some((r) => r.fullRow)) fetches.push(samplingIo.logprobs);
+      }
+    } else fetches.push(io.hiddenOut);
+    const result = await this.session.run(feeds, fetches);
     this.shape.layers.forEach((layer, l) => {
       const newKey = result[io.newKey(layer)].data as Float32Array;
       const newValue = result[io.newValue(layer)].data as Float32Array;
@@ -114,6 +160,13 @@ export class StageExecutor {
       });
     });
     for (const i of members) this.arena.filled[items[i].slot] = items[i].start + length;
+    if (this.shape.isLast && sampling) {
+      return {
+        topIds: result[samplingIo.topIds].data as BigInt64Array,
+        topLogprobs: result[samplingIo.topLogprobs].data as Float32Array,
+        full: result[samplingIo.logprobs]?.data as Float32Array | undefined,
+      };
+    }
     if (this.shape.isLast) return { logits: result[io.logits].data as Float32Array };
     return { hidden: result[io.hiddenOut].data as Float32Array };
   }

@@ -8,10 +8,12 @@
 // The last stage returns the logits of the last new position of each item ([items, vocab]); other stages return
 // the hidden states of all new positions ([tokens, hidden]) in item order, ready for the next stage.
 import { Worker } from 'node:worker_threads';
+import type { SamplingRow } from '../onnx/sampling-head.js';
 import type { Precision, StageShape } from '../onnx/stage-graph.js';
 import type { ForwardInput, ForwardItem, ForwardOutput, ReadyInfo, Reply, Request, WorkerInit } from './protocol.js';
 
-export type { ForwardInput, ForwardItem, ForwardOutput } from './protocol.js';
+export type { SamplingRow } from '../onnx/sampling-head.js';
+export type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
 
 export interface StageRuntimeOptions {
   modelDir: string;
@@ -125,8 +127,12 @@ export class StageRuntime {
     return this.info.reusedGraph;
   }
 
-  forward(items: ForwardItem[], input: ForwardInput): Promise<ForwardOutput> {
-    return this.request({ type: 'forward', items, input }) as Promise<ForwardOutput>;
+  /**
+   * Runs new tokens of `items`. On the last stage, `opts.sampling` (one row per item) returns the in-graph head's
+   * top-K candidates (and full rows where asked) instead of the logits.
+   */
+  forward(items: ForwardItem[], input: ForwardInput, opts: { sampling?: SamplingRow[] } = {}): Promise<ForwardOutput> {
+    return this.request({ type: 'forward', items, input, sampling: opts.sampling }) as Promise<ForwardOutput>;
   }
 
   /** Copies the first `length` cached positions of `fromSlot` into `toSlot` (prefix reuse). */

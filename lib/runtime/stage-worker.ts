@@ -48,9 +48,9 @@ async function handle(executor: StageExecutor, req: Request): Promise<void> {
   try {
     switch (req.type) {
       case 'forward': {
-        const output = await executor.forward(req.items, req.input);
-        const buffer = 'logits' in output ? output.logits.buffer : output.hidden.buffer;
-        post({ type: 'result', id: req.id, output }, [buffer as ArrayBuffer]);
+        const output = await executor.forward(req.items, req.input, req.sampling);
+        const buffer = 'logits' in output ? output.logits.buffer : 'hidden' in output ? output.hidden.buffer : null;
+        post({ type: 'result', id: req.id, output }, buffer ? [buffer as ArrayBuffer] : []);
         return;
       }
       case 'copyKv':

@@ -1,0 +1,73 @@
+// `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
+
+import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
+import { createLogger } from '../lib/rpc/log.js';
+import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/capacity.js';
+import { startShardServer } from '../services/shard/server.js';
+import { type CommandSpec, UsageError } from './args.js';
+import type { Command } from './main.js';
+
+const spec: CommandSpec = {
+  name: 'shard',
+  summary: 'serve decoder layers [A, B) of a model as one pipeline stage (emu3.internal.v1.Shard)',
+  usage: 'emu3 shard --model DIR --layers A-B --listen HOST:PORT [--next HOST:PORT] [flags]',
+  flags: {
+    model: { help: 'model directory (config.json, safetensors, tokenizer files), required' },
+    layers: { help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16), required' },
+    listen: {
+      help: 'address to serve on, host:port (port 0 picks a free one; the "listening" log line says which)',
+      default: '127.0.0.1:50061',
+    },
+    next: { help: 'address of the next stage; required unless B is the last layer, refused if it is' },
+    precision: { help: 'weight precision: fp32 or int4 (MatMulNBits, block 32)', default: 'fp32' },
+    'kv-budget': {
+      help: "bytes for this stage's KV arena; slots = min(--max-slots, budget ÷ (slot tokens × bytes per token))",
+      default: String(DEFAULT_KV_BUDGET_BYTES),
+    },
+    'max-slots': {
+      help: 'most KV slots (sequences or cached prefixes held at once)',
+      default: String(DEFAULT_MAX_SLOTS),
+    },
+    'slot-tokens': { help: "positions one slot holds (default: the model's max_position_embeddings)" },
+    'cache-dir': {
+      help: 'graph cache directory (default: $EMU3_CACHE_DIR, else <model>/.emu3-cache, else ~/.cache/emu3-serve)',
+    },
+    threads: { help: 'ORT intra-op threads (default: all cores)' },
+    'drain-timeout-ms': {
+      help: 'on SIGTERM/SIGINT, how long queued micro-batches may take before the rest are cut off',
+      default: '30000',
+    },
+  },
+};
+
+export function parseLayers(s: string): [number, number] {
+  const m = /^(\d+)-(\d+)$/.exec(s);
+  if (!m) throw new UsageError(`shard: --layers must look like A-B (layers [A, B)), got "${s}"`);
+  const range: [number, number] = [Number(m[1]), Number(m[2])];
+  if (range[0] >= range[1]) throw new UsageError(`shard: --layers ${s} must have A < B (B is exclusive)`);
+  return range;
+}
+
+export const command: Command = {
+  spec,
+  async run(flags) {
+    const log = createLogger('shard');
+    const layers = parseLayers(flags.required('layers'));
+    const running = await startShardServer({
+      modelDir: flags.required('model'),
+      layers,
+      address: flags.required('listen'),
+      next: flags.string('next'),
+      precision: flags.oneOf('precision', PRECISIONS) ?? ('fp32' as Precision),
+      kvBudgetBytes: flags.int('kv-budget', 1),
+      maxSlots: flags.int('max-slots', 1, 1_000_000),
+      slotTokens: flags.int('slot-tokens', 1),
+      cacheDir: flags.string('cache-dir'),
+      threads: flags.int('threads', 1, 1024),
+      log: log.child({ layers: `${layers[0]}-${layers[1]}` }),
+      drainTimeoutMs: flags.int('drain-timeout-ms', 0),
+    });
+    await running.server.closed;
+    return 0;
+  },
+};

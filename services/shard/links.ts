@@ -1,0 +1,116 @@
+// The shard's outgoing streams: ONE long-lived Forward stream to the next stage (opened on first use, re-opened after
+// a break) and one Deliver stream per ResultSink address (the last stage's results, and any stage's errors).
+import type * as grpc from '@grpc/grpc-js';
+import { createClient } from '../../lib/rpc/client.js';
+import type { Logger } from '../../lib/rpc/log.js';
+import {
+  RESULT_SINK_SERVICE,
+  SHARD_PROTO,
+  SHARD_SERVICE,
+  type WireForwardRequest,
+  type WireForwardResponse,
+  type WireStepResult,
+} from './wire.js';
+
+type ForwardCall = grpc.ClientDuplexStream<WireForwardRequest, WireForwardResponse>;
+
+/** Micro-batches sent on the current stream and not yet acknowledged, so a break can be reported for each. */
+interface Unacked {
+  microBatchId: number;
+  replyTo: string;
+}
+
+export class NextHop {
+  private readonly client: grpc.Client;
+  private stream: ForwardCall | null = null;
+  private unacked: Unacked[] = [];
+
+  constructor(
+    readonly address: string,
+    private readonly log: Logger,
+    /** A micro-batch sent downstream was lost (the stream broke before the next stage acknowledged it). */
+    private readonly onLost: (lost: Unacked, why: string) => void,
+  ) {
+    this.client = createClient(SHARD_PROTO, SHARD_SERVICE, address);
+  }
+
+  send(request: WireForwardRequest): void {
+    const stream = this.stream ?? this.open();
+    this.unacked.push({ microBatchId: request.batch?.micro_batch_id ?? 0, replyTo: request.batch?.reply_to ?? '' });
+    stream.write(request);
+  }
+
+  close(): void {
+    this.stream?.end();
+    this.stream = null;
+    this.client.close();
+  }
+
+  private open(): ForwardCall {
+    const stream = (this.client as unknown as { Forward(): ForwardCall }).Forward();
+    this.stream = stream;
+    this.log.info('next-stage stream open', { next: this.address });
+    let broken = false;
+    const fail = (why: string) => {
+      if (broken) return;
+      broken = true;
+      if (this.stream === stream) this.stream = null;
+      const lost = this.unacked;
+      this.unacked = [];
+      this.log.warn('next-stage stream broken', { next: this.address, why, unacked: lost.length });
+      for (const u of lost) if (u.microBatchId !== 0 || u.replyTo) this.onLost(u, why);
+    };
+    stream.on('data', (ack: WireForwardResponse) => {
+      const sent = this.unacked.shift();
+      // The next stage reports its own errors to the ResultSink itself; here they are only logged.
+      if (ack.error)
+        this.log.warn('next stage refused', { next: this.address, microBatch: sent?.microBatchId, error: ack.error });
+    });
+    stream.on('error', (err: Error) => fail(`Forward stream to ${this.address} failed: ${err.message}`));
+    stream.on('end', () => fail(`Forward stream to ${this.address} ended`));
+    return stream;
+  }
+}
+
+interface Sink {
+  client: grpc.Client;
+  call: grpc.ClientWritableStream<WireStepResult>;
+}
+
+export class ResultSinks {
+  private readonly sinks = new Map<string, Sink>();
+
+  constructor(private readonly log: Logger) {}
+
+  deliver(address: string, result: WireStepResult): void {
+    let sink = this.sinks.get(address);
+    if (!sink) {
+      sink = this.open(address);
+      this.sinks.set(address, sink);
+    }
+    sink.call.write(result);
+  }
+
+  close(): void {
+    for (const { client, call } of this.sinks.values()) {
+      call.end();
+      client.close();
+    }
+    this.sinks.clear();
+  }
+
+  private open(address: string): Sink {
+    const client = createClient(SHARD_PROTO, RESULT_SINK_SERVICE, address);
+    type Deliver = (cb: (err: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<WireStepResult>;
+    let sink: Sink | undefined;
+    const call = (client as unknown as { Deliver: Deliver }).Deliver((err) => {
+      // The stream ended: the next result opens a new one.
+      if (this.sinks.get(address) === sink) this.sinks.delete(address);
+      client.close();
+      if (err) this.log.warn('result stream broken', { replyTo: address, error: err.message });
+    });
+    sink = { client, call };
+    this.log.info('result stream open', { replyTo: address });
+    return sink;
+  }
+}

@@ -1,0 +1,151 @@
+// The shard process: load layers [first, end) of a checkpoint into a StageRuntime (ORT in a worker thread, KV arena
+// sized from the budget), serve emu3.internal.v1.Shard + grpc.health.v1 until SIGTERM/SIGINT, then drain: open
+// Forward streams finish what they queued and end, the links close, the worker stops.
+import { Checkpoint } from '../../lib/model/checkpoint.js';
+import { loadEmu3Config } from '../../lib/model/config.js';
+import { checkStageSpec, type Precision } from '../../lib/onnx/stage-graph.js';
+import type { Logger } from '../../lib/rpc/log.js';
+import { type RunningServer, serve } from '../../lib/rpc/serve.js';
+import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { loadTokenizer } from '../../lib/tokenizer/load.js';
+import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS, kvCapacity } from './capacity.js';
+import { NextHop, ResultSinks } from './links.js';
+import { ShardService } from './service.js';
+
+/** The largest SamplingSide.top_k accepted (Emu3-Gen's default is 2048, DESIGN.md §4). */
+export const MAX_TOP_K = 4096;
+
+export interface ShardServerOptions {
+  modelDir: string;
+  /** [first, end): end is exclusive. */
+  layers: [number, number];
+  /** host:port; port 0 picks a free one. */
+  address: string;
+  /** The next stage's address; required for every stage but the last. */
+  next?: string;
+  precision: Precision;
+  kvBudgetBytes?: number;
+  maxSlots?: number;
+  slotTokens?: number;
+  cacheDir?: string;
+  /** ORT intra-op threads (default: all cores). */
+  threads?: number;
+  log: Logger;
+  drainTimeoutMs?: number;
+  handleSignals?: boolean;
+}
+
+export interface RunningShard {
+  server: RunningServer;
+  service: ShardService;
+  /** Drains and stops (idempotent). */
+  shutdown(reason: string): Promise<void>;
+}
+
+export async function startShardServer(opts: ShardServerOptions): Promise<RunningShard> {
+  const { log, modelDir } = opts;
+  const [first, end] = opts.layers;
+  const config = loadEmu3Config(modelDir);
+  checkStageSpec(config, { first, end, precision: opts.precision });
+  const isLast = end === config.numHiddenLayers;
+  if (!isLast && !opts.next)
+    throw new Error(`--next is required: layers [${first}, ${end}) end before layer ${config.numHiddenLayers}`);
+  if (isLast && opts.next)
+    throw new Error(`--next ${opts.next} given, but layers [${first}, ${end}) include the last layer (no next stage)`);
+  const ckpt = Checkpoint.open(modelDir);
+  let fingerprint: string;
+  try {
+    fingerprint = ckpt.fingerprint();
+  } finally {
+    ckpt.close();
+  }
+  // The visual ids come from the tokenizer files, never from constants (DESIGN.md §3).
+  const visual = isLast ? loadTokenizer(modelDir).visual : { start: 0, count: 0 };
+  const capacity = kvCapacity({
+    layers: end - first,
+    kvHeads: config.numKeyValueHeads,
+    headDim: config.headDim,
+    maxPositions: config.maxPositionEmbeddings,
+    budgetBytes: opts.kvBudgetBytes ?? DEFAULT_KV_BUDGET_BYTES,
+    maxSlots: opts.maxSlots ?? DEFAULT_MAX_SLOTS,
+    slotTokens: opts.slotTokens,
+  });
+  log.info('loading stage', { modelDir, layers: [first, end], precision: opts.precision, ...capacity });
+  const started = performance.now();
+  const runtime = await StageRuntime.open({
+    modelDir,
+    layers: [first, end],
+    precision: opts.precision,
+    maxSequences: capacity.slots,
+    maxSequenceLength: capacity.slotTokens,
+    cacheDir: opts.cacheDir,
+    threads: opts.threads,
+    log: (msg) => log.info('stage', { detail: msg }),
+  });
+  log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
+
+  const sinks = new ResultSinks(log);
+  const next = opts.next
+    ? new NextHop(opts.next, log, (lost, why) => {
+        if (lost.replyTo)
+          sinks.deliver(lost.replyTo, {
+            micro_batch_id: lost.microBatchId,
+            results: [],
+            stage_compute_ms: [],
+            error: `stage [${first}, ${end}) could not pass micro-batch ${lost.microBatchId} on: ${why}`,
+          });
+      })
+    : undefined;
+  const service = new ShardService(
+    runtime,
+    {
+      precision: opts.precision,
+      fingerprint,
+      numLayers: config.numHiddenLayers,
+      capacity,
+      limits: {
+        isFirst: first === 0,
+        isLast,
+        vocabSize: config.vocabSize,
+        hiddenSize: config.hiddenSize,
+        maxTopK: Math.min(MAX_TOP_K, config.vocabSize),
+        visualBegin: visual.start,
+        visualEnd: visual.start + visual.count,
+      },
+    },
+    { next, sinks },
+    log,
+  );
+  const close = async () => {
+    next?.close();
+    sinks.close();
+    await runtime.close();
+  };
+  let server: RunningServer;
+  try {
+    server = await serve({
+      address: opts.address,
+      services: [service.binding()],
+      log,
+      drainTimeoutMs: opts.drainTimeoutMs,
+      handleSignals: opts.handleSignals,
+      onClose: close,
+    });
+  } catch (err) {
+    await close();
+    throw err;
+  }
+  // serve() starts its drain on the same signals; the Forward streams must end for that drain to finish.
+  if (opts.handleSignals !== false) {
+    process.once('SIGTERM', () => service.beginDrain());
+    process.once('SIGINT', () => service.beginDrain());
+  }
+  return {
+    server,
+    service,
+    shutdown: (reason) => {
+      service.beginDrain();
+      return server.shutdown(reason);
+    },
+  };
+}

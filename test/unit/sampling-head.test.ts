@@ -1,0 +1,171 @@
+// The last stage's in-graph sampling head (lib/onnx/sampling-head.ts) run by ORT against the float64 reference of the
+// same row processing (services/coordinator/logits.ts): mask, repetition penalty, temperature, log-softmax over the
+// whole row, top-K order (ties by lower id) and the full row.
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import * as ort from 'onnxruntime-node';
+import { GraphBuilder } from '../../lib/onnx/graph.js';
+import { addSamplingHead, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../../lib/onnx/sampling-head.js';
+import { Rng } from '../../lib/util/rng.js';
+import { type LastStageParams, processLastStageRow } from '../../services/coordinator/logits.js';
+
+const V = 184622; // the real vocabulary: float32 error in the log-sum-exp grows with it
+const VISUAL = [151854, 151854 + 32768];
+const dir = mkdtempSync(join(tmpdir(), 'emu3-sampling-head-'));
+let session: ort.InferenceSession;
+
+before(async () => {
+  const g = new GraphBuilder(dir, 'head');
+  const logits = g.input('logits', 'float', ['batch', V]);
+  addSamplingHead(g, logits, V);
+  session = await ort.InferenceSession.create(g.save());
+});
+
+after(async () => {
+  await session?.release();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function runHead(logits: Float32Array, rows: SamplingRow[], fetchFull: boolean) {
+  const feeds: Record<string, ort.Tensor> = {
+    logits: new ort.Tensor('float32', logits, [rows.length, V]),
+  };
+  for (const [name, t] of Object.entries(samplingFeeds(rows, V))) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
+  const fetches = [samplingIo.topIds, samplingIo.topLogprobs, ...(fetchFull ? [samplingIo.logprobs] : [])];
+  const out = await session.run(feeds, fetches);
+  return {
+    k: runTopK(rows, V),
+    ids: out[samplingIo.topIds].data as BigInt64Array,
+    logprobs: out[samplingIo.topLogprobs].data as Float32Array,
+    full: fetchFull ? (out[samplingIo.logprobs].data as Float32Array) : undefined,
+    fetched: Object.keys(out),
+  };
+}
+
+function referenceParams(row: SamplingRow, fullRow: boolean): LastStageParams {
+  return {
+    mask: row.maskEnd > row.maskBegin ? { kind: 'exclude', start: row.maskBegin, end: row.maskEnd } : { kind: 'none' },
+    temperature: row.temperature,
+    repetitionPenalty: row.repetitionPenalty,
+    penalisedIds: row.penalisedIds,
+    topK: row.topK,
+    fullRow,
+  };
+}
+
+function randomLogits(rng: Rng, rows: number, offset = 0, scale = 4): Float32Array {
+  const x = rng.fillNormal(new Float32Array(rows * V), scale);
+  for (let i = 0; i < x.length; i++) x[i] += offset;
+  return x;
+}
+
+const rows: SamplingRow[] = [
+  { maskBegin: 0, maskEnd: 0, repetitionPenalty: 1, penalisedIds: [], temperature: 1, topK: 1, fullRow: false },
+  {
+    maskBegin: VISUAL[0],
+    maskEnd: VISUAL[1],
+    repetitionPenalty: 1,
+    penalisedIds: [],
+    temperature: 1,
+    topK: 40,
+    fullRow: false,
+  },
+  {
+    maskBegin: 0,
+    maskEnd: 0,
+    repetitionPenalty: 1.3,
+    penalisedIds: [5, 17, 5, V - 1, 0, 1234, 17, 88, 160000, 42],
+    temperature: 1,
+    topK: 25,
+    fullRow: false,
+  },
+  { maskBegin: 0, maskEnd: 0, repetitionPenalty: 1, penalisedIds: [], temperature: 0.6, topK: 64, fullRow: false },
+  {
+    maskBegin: 100,
+    maskEnd: V - 100,
+    // ids inside the mask stay -inf after the penalty
+    repetitionPenalty: 1.8,
+    penalisedIds: [3, 150, V - 50, V - 1, 7],
+    temperature: 1.7,
+    topK: 64,
+    fullRow: false,
+  },
+];
+
+test('top-K ids and logprobs equal the float64 reference per row (mask, penalty, temperature, K per row)', async () => {
+  const rng = new Rng(11);
+  const logits = randomLogits(rng, rows.length);
+  const out = await runHead(logits, rows, false);
+  assert.equal(out.k, 64);
+  assert.deepEqual(out.fetched.sort(), [samplingIo.topIds, samplingIo.topLogprobs].sort());
+  rows.forEach((row, b) => {
+    const want = processLastStageRow(logits.subarray(b * V, (b + 1) * V), referenceParams(row, false));
+    assert.equal(want.kind, 'candidates');
+    if (want.kind !== 'candidates') return;
+    const gotIds = Array.from(out.ids.subarray(b * out.k, b * out.k + row.topK), Number);
+    assert.deepEqual(gotIds, Array.from(want.candidates.ids), `row ${b} ids`);
+    for (let j = 0; j < row.topK; j++) {
+      const diff = Math.abs(out.logprobs[b * out.k + j] - want.candidates.logprobs[j]);
+      assert.ok(diff < 1e-5, `row ${b} candidate ${j}: |Δ logprob| = ${diff}`);
+    }
+    if (row.maskEnd > row.maskBegin)
+      for (const id of gotIds) assert.ok(id < row.maskBegin || id >= row.maskEnd, `row ${b}: masked id ${id}`);
+  });
+});
+
+test('the full row equals the reference log-softmax; masked ids are exactly -inf', async () => {
+  const rng = new Rng(12);
+  const logits = randomLogits(rng, rows.length);
+  const out = await runHead(logits, rows, true);
+  assert.ok(out.full);
+  rows.forEach((row, b) => {
+    const want = processLastStageRow(logits.subarray(b * V, (b + 1) * V), referenceParams(row, true));
+    assert.equal(want.kind, 'full');
+    if (want.kind !== 'full' || !out.full) return;
+    let mass = 0;
+    for (let id = 0; id < V; id++) {
+      const got: number = out.full[b * V + id];
+      if (want.logprobs[id] === Number.NEGATIVE_INFINITY) {
+        assert.equal(got, Number.NEGATIVE_INFINITY, `row ${b} id ${id}`);
+        continue;
+      }
+      assert.ok(Math.abs(got - want.logprobs[id]) < 1e-5, `row ${b} id ${id}: ${got} vs ${want.logprobs[id]}`);
+      mass += Math.exp(got);
+    }
+    assert.ok(Math.abs(mass - 1) < 1e-4, `row ${b}: probabilities sum to ${mass}`);
+  });
+});
+
+test('log-softmax is stable for logits beyond exp() range of float32 (offset 100)', async () => {
+  const rng = new Rng(13);
+  const row: SamplingRow = { ...rows[0], topK: 10 };
+  const logits = randomLogits(rng, 1, 100, 3);
+  const out = await runHead(logits, [row], true);
+  const want = processLastStageRow(logits, referenceParams(row, true));
+  assert.ok(want.kind === 'full' && out.full);
+  for (let id = 0; id < V; id++) {
+    assert.ok(Number.isFinite(out.full[id]));
+    assert.ok(Math.abs(out.full[id] - want.logprobs[id]) < 1e-5, `id ${id}: ${out.full[id]} vs ${want.logprobs[id]}`);
+  }
+});
+
+test('equal logits are ranked by lower id first', async () => {
+  const logits = new Float32Array(V).fill(-5);
+  for (const id of [2500, 7, 1200, 300, 170000]) logits[id] = 2;
+  logits[40] = 3;
+  const row: SamplingRow = { ...rows[0], topK: 6 };
+  const out = await runHead(logits, [row], false);
+  assert.deepEqual(Array.from(out.ids, Number), [40, 7, 300, 1200, 2500, 170000]);
+  const want = processLastStageRow(logits, referenceParams(row, false));
+  assert.ok(want.kind === 'candidates');
+  assert.deepEqual(Array.from(want.candidates.ids), [40, 7, 300, 1200, 2500, 170000]);
+});
+
+test('samplingFeeds refuses what the graph cannot take, naming the row and field', () => {
+  assert.throws(() => samplingFeeds([{ ...rows[0], temperature: 0 }], V), /row 0: temperature 0/);
+  assert.throws(() => samplingFeeds([rows[0], { ...rows[2], penalisedIds: [V] }], V), /row 1: penalised id 184622/);
+  assert.throws(() => samplingFeeds([{ ...rows[0], repetitionPenalty: Number.NaN }], V), /repetitionPenalty NaN/);
+});
