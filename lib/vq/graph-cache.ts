@@ -1,0 +1,52 @@
+// Graph cache: a built graph (`<kind>.onnx` + `<kind>.weights`) lives in a directory keyed by the VQ weights'
+// fingerprint, the graph kind and its input size ("dynamic" here: one graph serves every H×W). Built into a
+// temporary directory and renamed into place, so concurrent builders never see a half-written graph.
+import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { GraphBuilder } from '../onnx/graph.js';
+import type { VqWeights } from './weights.js';
+
+export type VqGraphKind = 'vq-encoder' | 'vq-decoder';
+
+/** Bump when the graphs' structure changes, so stale cached graphs are not reused. */
+const GRAPH_VERSION = 1;
+
+export function defaultCacheDir(): string {
+  return process.env.EMU3_CACHE_DIR ?? join(tmpdir(), 'emu3-graph-cache');
+}
+
+/** The .onnx path of the cached graph; builds it first when missing. */
+export function cachedGraph(
+  weights: VqWeights,
+  kind: VqGraphKind,
+  cacheDir: string,
+  build: (g: GraphBuilder) => void,
+  log?: (msg: string) => void,
+): string {
+  const key = `${kind}-${weights.fingerprint().slice(0, 24)}-dynamic-v${GRAPH_VERSION}`;
+  const dir = join(cacheDir, key);
+  const onnx = join(dir, `${kind}.onnx`);
+  if (existsSync(onnx)) return onnx;
+  mkdirSync(cacheDir, { recursive: true });
+  const tmp = `${dir}.tmp-${process.pid}-${Date.now()}`;
+  mkdirSync(tmp);
+  try {
+    const started = Date.now();
+    const g = new GraphBuilder(tmp, kind);
+    build(g);
+    g.save();
+    log?.(
+      `built ${kind} graph (${(g.weightBytes / 2 ** 20).toFixed(1)} MiB of weights) in ${Date.now() - started} ms → ${dir}`,
+    );
+    try {
+      renameSync(tmp, dir);
+    } catch (e) {
+      // Another process finished the same graph first: keep theirs.
+      if (!existsSync(onnx)) throw e;
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+  return onnx;
+}
