@@ -1,0 +1,211 @@
+// `npm run bench:serve`: the whole system (vq + shards + coordinator as processes, cli/system.ts) on the `small`
+// preset: the 2-shard pipeline against one stage serving all layers, at concurrency 1, 8 and 32. Reports tokens/s,
+// TTFT and inter-token latency percentiles, each stage's idle fraction (1 − Σ stage compute ms ÷ wall ms, from the
+// coordinator's "engine stats" log lines, which sum StepResult.stage_compute_ms), pipeline efficiency, scaling and the
+// prefix-cache ratio. Writes its section of BENCHMARKS.md.
+//   node dist/bench/serve.js [--dir DIR] [--new-tokens N] [--no-write]
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism, homedir, loadavg } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type * as grpc from '@grpc/grpc-js';
+import { emu3Client } from '../cli/chat.js';
+import { startSystem } from '../cli/system.js';
+import { loadEmu3Config } from '../lib/model/config.js';
+import { writeTinyEmu3 } from '../lib/model/tiny.js';
+import { writeTokenizerFiles } from '../lib/tokenizer/files.js';
+import { writeTinyVq } from '../lib/vq/tiny.js';
+import { picture } from '../test/integration/pipeline-harness.js';
+
+const args = process.argv.slice(2);
+const arg = (name: string, def: string) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : def;
+};
+const dir = arg('dir', join(process.env.EMU3_CACHE_DIR ?? join(homedir(), '.cache', 'emu3-serve'), 'bench-small'));
+const newTokens = Number(arg('new-tokens', '32'));
+
+interface Run {
+  ttft: number;
+  itl: number[];
+  tokens: number;
+}
+
+function pct(xs: number[], p: number): number {
+  if (xs.length === 0) return Number.NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+}
+
+function oneStream(client: grpc.Client, request: object): Promise<Run> {
+  const started = performance.now();
+  let last = started;
+  let first = 0;
+  const itl: number[] = [];
+  let tokens = 0;
+  return new Promise((resolve, reject) => {
+    const call = (
+      client as unknown as { Generate(r: object): grpc.ClientReadableStream<{ delta?: { tokenIds: number[] } }> }
+    ).Generate({ returnTokenIds: true, ...request });
+    call.on('data', (m) => {
+      if (!m.delta) return;
+      const now = performance.now();
+      if (tokens === 0) first = now - started;
+      else itl.push(now - last);
+      last = now;
+      tokens += m.delta.tokenIds.length;
+    });
+    call.on('error', reject);
+    call.on('end', () => resolve({ ttft: first, itl, tokens }));
+  });
+}
+
+function stageCompute(logFile: string): { at: number; ms: number[] } {
+  const lines = readFileSync(logFile, 'utf8')
+    .split('\n')
+    .filter((l) => l.includes('"engine stats"'));
+  if (lines.length === 0) return { at: Date.now(), ms: [] };
+  const rec = JSON.parse(lines[lines.length - 1]);
+  return { at: Date.parse(rec.ts), ms: rec.stageComputeMs };
+}
+
+async function measure(stages: number, logDir: string) {
+  const system = await startSystem(
+    {
+      modelDir: dir,
+      shards: stages,
+      logDir,
+      shardArgs: ['--slot-tokens', '2048'],
+      progress: (l) => console.error(`  ${l}`),
+    },
+    loadEmu3Config(dir),
+  );
+  const client = emu3Client(system.address);
+  const rows: Record<
+    number,
+    { tps: number; ttft50: number; ttft99: number; itl50: number; itl99: number; idle: number[] }
+  > = {};
+  try {
+    const req = (i: number) => ({
+      parts: [{ text: `Request ${i}: ${'describe the scene in detail '.repeat(1 + (i % 4))}` }],
+      sampling: { maxNewTokens: newTokens, ignoreEos: true },
+    });
+    await oneStream(client, req(999)); // warm-up
+    for (const c of [1, 8, 32]) {
+      await new Promise((r) => setTimeout(r, 1200));
+      const before = stageCompute(join(logDir, 'coordinator.log'));
+      const t0 = performance.now();
+      const runs = await Promise.all(Array.from({ length: c }, (_, i) => oneStream(client, req(c * 100 + i))));
+      const wall = performance.now() - t0;
+      await new Promise((r) => setTimeout(r, 1200));
+      const after = stageCompute(join(logDir, 'coordinator.log'));
+      const tokens = runs.reduce((n, r) => n + r.tokens, 0);
+      rows[c] = {
+        tps: tokens / (wall / 1000),
+        ttft50: pct(
+          runs.map((r) => r.ttft),
+          50,
+        ),
+        ttft99: pct(
+          runs.map((r) => r.ttft),
+          99,
+        ),
+        itl50: pct(
+          runs.flatMap((r) => r.itl),
+          50,
+        ),
+        itl99: pct(
+          runs.flatMap((r) => r.itl),
+          99,
+        ),
+        idle: after.ms.map((ms, i) => 1 - (ms - (before.ms[i] ?? 0)) / wall),
+      };
+      console.error(`  ${stages} stage(s), concurrency ${c}: ${rows[c].tps.toFixed(1)} tokens/s`);
+    }
+    let cacheRatio = Number.NaN;
+    if (stages === 2) {
+      const image = await picture(256, 256, 11);
+      const r = { parts: [{ image: { data: image } }, { text: 'What is shown?' }], sampling: { maxNewTokens: 2 } };
+      const a = await oneStream(client, r);
+      const b = await oneStream(client, r);
+      cacheRatio = b.ttft / a.ttft;
+    }
+    return { rows, cacheRatio };
+  } finally {
+    client.close();
+    await system.stop();
+  }
+}
+
+async function main(): Promise<void> {
+  if (!existsSync(join(dir, 'config.json'))) {
+    console.error(`generating the small preset into ${dir} (once) ...`);
+    writeTinyEmu3(dir, { seed: 0, preset: 'small', dtype: 'f32', shards: 1 });
+    await writeTokenizerFiles(dir);
+    writeTinyVq(join(dir, 'vq'), { seed: 0, preset: 'small' });
+    // Upstream min_pixels (512²) makes a 4,163-token image prompt, beyond the small preset's 4,096-token context.
+    const pre = join(dir, 'vq', 'preprocessor_config.json');
+    writeFileSync(pre, JSON.stringify({ ...JSON.parse(readFileSync(pre, 'utf8')), min_pixels: 256 * 256 }));
+  }
+  const started = Date.now();
+  const two = await measure(2, join(dir, 'logs-2'));
+  const one = await measure(1, join(dir, 'logs-1'));
+  const f = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
+  const lines = [
+    '| stages | concurrency | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | stage idle fraction |',
+    '|---|---|---|---|---|---|',
+  ];
+  for (const [name, m] of [
+    ['2 shards', two],
+    ['1 stage', one],
+  ] as const) {
+    for (const c of [1, 8, 32]) {
+      const r = m.rows[c];
+      lines.push(
+        `| ${name} | ${c} | ${f(r.tps)} | ${f(r.ttft50)} / ${f(r.ttft99)} | ${f(r.itl50)} / ${f(r.itl99)} | ${r.idle.map((x) => f(x, 2)).join(', ')} |`,
+      );
+    }
+  }
+  const text = [
+    ...lines,
+    '',
+    `Pipeline efficiency (2-shard ÷ 1-stage tokens/s): c=1 ${f(two.rows[1].tps / one.rows[1].tps, 2)} (target ≥ 0.95), ` +
+      `c=8 ${f(two.rows[8].tps / one.rows[8].tps, 2)} (target ≥ 1.0), c=32 ${f(two.rows[32].tps / one.rows[32].tps, 2)}.`,
+    `Aggregate scaling (2 shards, tokens/s at 32 ÷ at 1): ${f(two.rows[32].tps / two.rows[1].tps, 2)} (target ≥ 10).`,
+    `Prefix cache (TTFT of a repeated 256×256 image + prompt ÷ the first): ${f(two.cacheRatio, 3)} (target ≤ 0.1).`,
+    `${newTokens} new tokens per request (ignore_eos), greedy. Each shard gets ${Math.max(1, Math.floor(availableParallelism() / 2))} ORT thread(s) of this ` +
+      `${availableParallelism()}-core machine in the 2-shard run, the single stage all of them. Load average at the end ` +
+      `${loadavg()[0].toFixed(1)} (the machine is shared: expect ±30% between runs). Total bench time ` +
+      `${((Date.now() - started) / 1000).toFixed(0)} s.`,
+  ].join('\n');
+  console.log(text);
+  if (!args.includes('--no-write')) writeSection(text);
+}
+
+function writeSection(text: string): void {
+  const path = join(fileURLToPath(new URL('../..', import.meta.url)), 'BENCHMARKS.md');
+  const header = '## Serving';
+  const body = [
+    header,
+    '',
+    'Command: `npm run bench:serve` (builds, then `node dist/bench/serve.js [--dir DIR] [--new-tokens N]`). Starts vq,',
+    'the shards and the coordinator as processes (as `emu3 up` does) on the `small` preset (generated once into',
+    '`$EMU3_CACHE_DIR/bench-small`), first as a 2-shard pipeline, then as one stage serving all 12 layers, and streams',
+    'text requests at concurrency 1, 8 and 32. Idle fraction = 1 − (Σ StepResult.stage_compute_ms ÷ wall time).',
+    '',
+    text,
+    '',
+    '',
+  ].join('\n');
+  let doc = existsSync(path) ? readFileSync(path, 'utf8') : '# Benchmarks\n';
+  const start = doc.indexOf(`${header}\n`);
+  if (start >= 0) {
+    const next = doc.indexOf('\n## ', start + header.length);
+    doc = doc.slice(0, start) + body + (next >= 0 ? doc.slice(next + 1) : '');
+  } else {
+    doc = `${doc.trimEnd()}\n\n${body}`;
+  }
+  writeFileSync(path, doc);
+}
+
+await main();

@@ -1,0 +1,75 @@
+// `emu3 coordinator`: the public service in front of a shard pipeline and a VQ service.
+import { createLogger } from '../lib/rpc/log.js';
+import { startCoordinator } from '../services/coordinator/server.js';
+import { type CommandSpec, UsageError } from './args.js';
+import type { Command } from './main.js';
+
+const spec: CommandSpec = {
+  name: 'coordinator',
+  summary: 'public emu3.v1.Emu3 service: validation, prompts, scheduling, KV lifecycle, sampling, streaming',
+  usage: 'emu3 coordinator --model DIR --shards ADDR,ADDR,... --vq ADDR [--listen HOST:PORT] [flags]',
+  flags: {
+    model: { help: 'model directory (config.json + tokenizer files; the weights are read by the shards), required' },
+    shards: {
+      help: 'the shard addresses in pipeline order, comma-separated; together they must cover every layer once, required',
+    },
+    vq: { help: 'address of the VQ service (emu3 vq), required' },
+    listen: { help: 'public address, host:port (port 0 picks a free one)', default: '127.0.0.1:50051' },
+    'sink-listen': {
+      help: 'address of the ResultSink the last stage sends results to (port 0 picks a free one)',
+      default: '127.0.0.1:0',
+    },
+    'sink-advertise': { help: 'ResultSink address given to the last stage (default: the bound --sink-listen address)' },
+    'max-queue': { help: 'requests that may wait for KV; one more gets RESOURCE_EXHAUSTED', default: '64' },
+    'max-batch-tokens': {
+      help: 'tokens per micro-batch (decodes count 1, prefill chunks their length)',
+      default: '256',
+    },
+    'max-batch-seqs': { help: 'sequences per micro-batch', default: '64' },
+    'max-in-flight': { help: 'micro-batches in flight (default: the number of stages)' },
+    'kv-block-size': { help: 'KV accounting block, tokens', default: '16' },
+    'prefix-cache-entries': { help: 'cached prompt prefixes kept on the shards (0 = no prefix cache)', default: '16' },
+    'min-prefix-match': { help: 'shortest shared prefix taken from the cache', default: '4' },
+    'max-images': { help: 'most image parts per request', default: '4' },
+    'max-message-bytes': {
+      help: 'largest request message; larger ones get RESOURCE_EXHAUSTED',
+      default: String(96 * 1024 * 1024),
+    },
+    'start-timeout-ms': { help: 'how long to wait for the shards and the vq to answer at start', default: '120000' },
+    'drain-timeout-ms': { help: 'on SIGTERM/SIGINT, how long running answers may take', default: '30000' },
+  },
+};
+
+export const command: Command = {
+  spec,
+  async run(flags) {
+    const shards = flags
+      .required('shards')
+      .split(',')
+      .map((s) => s.trim())
+      .filter((s) => s !== '');
+    if (shards.length === 0) throw new UsageError('coordinator: --shards needs at least one address');
+    const coordinator = await startCoordinator({
+      modelDir: flags.required('model'),
+      shards,
+      vq: flags.required('vq'),
+      listen: flags.required('listen'),
+      sinkListen: flags.required('sink-listen'),
+      sinkAdvertise: flags.string('sink-advertise'),
+      maxQueue: flags.int('max-queue', 0, 1_000_000)!,
+      maxBatchTokens: flags.int('max-batch-tokens', 1, 1_000_000)!,
+      maxBatchSeqs: flags.int('max-batch-seqs', 1, 100_000)!,
+      maxInFlight: flags.int('max-in-flight', 1, 1024),
+      blockSize: flags.int('kv-block-size', 1, 65536)!,
+      prefixCacheEntries: flags.int('prefix-cache-entries', 0, 100_000)!,
+      minPrefixMatch: flags.int('min-prefix-match', 1, 1_000_000)!,
+      maxImages: flags.int('max-images', 0, 1024)!,
+      maxMessageBytes: flags.int('max-message-bytes', 1024, 2 ** 31 - 1)!,
+      startTimeoutMs: flags.int('start-timeout-ms', 0)!,
+      drainTimeoutMs: flags.int('drain-timeout-ms', 0)!,
+      log: createLogger('coordinator'),
+    });
+    await coordinator.closed;
+    return 0;
+  },
+};

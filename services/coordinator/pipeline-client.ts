@@ -1,0 +1,97 @@
+// The coordinator's side of the shard chain: a Shard client per stage (Info, Free, Reset), and the one long-lived
+// Forward stream to stage 0 that carries micro-batches and KV commands in order. Each stage forwards to the next
+// itself; the last stage's results arrive at the coordinator's ResultSink (result-sink.ts), not here.
+import type * as grpc from '@grpc/grpc-js';
+import { createClient, unaryCall } from '../../lib/rpc/client.js';
+import type { Logger } from '../../lib/rpc/log.js';
+import { type ForwardRequest, type ForwardResponse, SHARD_PROTO, SHARD_SERVICE, type ShardInfo } from './shard-wire.js';
+import { checkTopology, type PipelineShape, type StageDescription, TopologyError } from './topology.js';
+
+export interface PipelineEvents {
+  onAck(ack: ForwardResponse): void;
+  /** The Forward stream ended or failed: in-flight work is lost. */
+  onBroken(error: Error): void;
+}
+
+export class PipelineClient {
+  private readonly clients: grpc.Client[];
+  private stream: grpc.ClientDuplexStream<ForwardRequest, ForwardResponse> | null = null;
+
+  constructor(
+    readonly addresses: readonly string[],
+    private readonly log: Logger,
+  ) {
+    this.clients = addresses.map((a) => createClient(SHARD_PROTO, SHARD_SERVICE, a));
+  }
+
+  /** Info from every stage, retried until `timeoutMs` (shards may still be loading), then the topology check. */
+  async describe(
+    timeoutMs: number,
+    expectedLayers?: number,
+  ): Promise<{ stages: StageDescription[]; shape: PipelineShape }> {
+    const stages = await Promise.all(
+      this.addresses.map(async (address, i) => ({ address, info: await this.infoWithRetry(i, timeoutMs) })),
+    );
+    return { stages, shape: checkTopology(stages, expectedLayers) };
+  }
+
+  info(i: number, deadlineMs = 5000): Promise<ShardInfo> {
+    return unaryCall<object, ShardInfo>(this.clients[i], 'Info', {}, { deadlineMs });
+  }
+
+  private async infoWithRetry(i: number, timeoutMs: number): Promise<ShardInfo> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        return await this.info(i, Math.max(1000, Math.min(5000, until - Date.now())));
+      } catch (err) {
+        if (Date.now() >= until)
+          throw new TopologyError(
+            `shard ${this.addresses[i]} did not answer Info within ${timeoutMs} ms: ${(err as Error).message}`,
+          );
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
+  }
+
+  /** Drops all KV on every stage (a coordinator start must not inherit a previous one's slots). */
+  async resetAll(): Promise<void> {
+    await Promise.all(this.clients.map((c) => unaryCall(c, 'Reset', {}, { deadlineMs: 10_000 })));
+  }
+
+  /** Opens the Forward stream to stage 0. */
+  open(events: PipelineEvents): void {
+    const stream = (
+      this.clients[0] as unknown as { Forward(): grpc.ClientDuplexStream<ForwardRequest, ForwardResponse> }
+    ).Forward();
+    this.stream = stream;
+    let broken = false;
+    const fail = (error: Error) => {
+      if (broken) return;
+      broken = true;
+      if (this.stream === stream) this.stream = null;
+      events.onBroken(error);
+    };
+    stream.on('data', (ack: ForwardResponse) => events.onAck(ack));
+    stream.on('error', (err: Error) =>
+      fail(new Error(`Forward stream to ${this.addresses[0]} failed: ${err.message}`)),
+    );
+    stream.on('end', () => fail(new Error(`Forward stream to ${this.addresses[0]} ended`)));
+    this.log.info('forward stream open', { stage0: this.addresses[0] });
+  }
+
+  get isOpen(): boolean {
+    return this.stream !== null;
+  }
+
+  send(request: ForwardRequest): void {
+    if (!this.stream) throw new Error(`no Forward stream to ${this.addresses[0]} (pipeline down)`);
+    this.stream.write(request);
+  }
+
+  close(): void {
+    this.stream?.end();
+    this.stream = null;
+    for (const c of this.clients) c.close();
+  }
+}

@@ -1,0 +1,413 @@
+// The coordinator process: checks the pipeline (every shard's Info), opens the Forward stream to stage 0, serves
+// ResultSink for the last stage and the public emu3.v1.Emu3 service (+ grpc.health.v1 and server reflection).
+import { randomInt } from 'node:crypto';
+import { basename, join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { ReflectionService } from '@grpc/reflection';
+import { loadEmu3Config } from '../../lib/model/config.js';
+import { type CodeGrid, understandingPromptIds } from '../../lib/prompt/prompt.js';
+import { InvalidArgument, ResourceExhausted, type RpcError, Unavailable } from '../../lib/rpc/errors.js';
+import { implement, serverStream, unary } from '../../lib/rpc/handlers.js';
+import { HEALTH_PROTO } from '../../lib/rpc/health.js';
+import type { Logger } from '../../lib/rpc/log.js';
+import { protoRoot } from '../../lib/rpc/proto.js';
+import { type RunningServer, type ServiceBinding, serve } from '../../lib/rpc/serve.js';
+import { loadTokenizer } from '../../lib/tokenizer/load.js';
+import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
+import { Engine, type EngineEvent } from './engine.js';
+import { InvalidArgumentError, ResourceExhaustedError } from './errors.js';
+import { commonCapacity } from './kv-allocator.js';
+import { PipelineClient } from './pipeline-client.js';
+import {
+  checkPromptLength,
+  defaultLimits,
+  type GenerateRequestLike,
+  type RequestLimits,
+  type ValidPart,
+  validateGenerateRequest,
+} from './request-validation.js';
+import { resultSinkBinding } from './result-sink.js';
+import type { ForwardResponse } from './shard-wire.js';
+import type { PipelineShape, StageDescription } from './topology.js';
+import { VqClient } from './vq-client.js';
+
+export const PUBLIC_PROTO = 'emu3/v1/emu3.proto';
+export const PUBLIC_SERVICE = 'emu3.v1.Emu3';
+
+export interface CoordinatorOptions {
+  modelDir: string;
+  shards: string[];
+  vq: string;
+  listen: string;
+  /** Where the ResultSink listens; port 0 picks one. */
+  sinkListen: string;
+  /** The ResultSink address the last stage dials (default: the bound sink address). */
+  sinkAdvertise?: string;
+  maxQueue: number;
+  maxBatchTokens: number;
+  maxBatchSeqs: number;
+  /** Micro-batches in flight (default: the number of stages). */
+  maxInFlight?: number;
+  blockSize: number;
+  prefixCacheEntries: number;
+  minPrefixMatch: number;
+  maxImages: number;
+  maxMessageBytes: number;
+  /** How long to wait for the shards' and the vq's first answer. */
+  startTimeoutMs: number;
+  drainTimeoutMs: number;
+  log: Logger;
+  handleSignals?: boolean;
+}
+
+export interface RunningCoordinator {
+  server: RunningServer;
+  sinkAddress: string;
+  engine: Engine;
+  shape: PipelineShape;
+  shutdown(reason: string): Promise<void>;
+  closed: Promise<void>;
+}
+
+/** The public proto with the options request-validation expects: camelCase, unset optionals stay undefined. */
+function publicPackage(): protoLoader.PackageDefinition {
+  const root = protoRoot();
+  return protoLoader.loadSync([join(root, PUBLIC_PROTO), join(root, HEALTH_PROTO)], {
+    keepCase: false,
+    defaults: false,
+    oneofs: true,
+    longs: Number,
+    enums: String,
+    bytes: Buffer,
+    includeDirs: [root],
+  });
+}
+
+function mapCoordinatorError(err: unknown): RpcError | undefined {
+  if (err instanceof InvalidArgumentError) return new InvalidArgument(err.message);
+  if (err instanceof ResourceExhaustedError) return new ResourceExhausted(err.message);
+  return undefined;
+}
+
+/** An unbounded async queue of engine events for one call. */
+class EventQueue {
+  private readonly items: EngineEvent[] = [];
+  private wake: (() => void) | null = null;
+  push(e: EngineEvent): void {
+    this.items.push(e);
+    this.wake?.();
+  }
+  async next(signal: AbortSignal): Promise<EngineEvent> {
+    while (this.items.length === 0) {
+      if (signal.aborted) throw signal.reason;
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+        signal.addEventListener('abort', () => resolve(), { once: true });
+      });
+      this.wake = null;
+    }
+    return this.items.shift()!;
+  }
+}
+
+interface Deps {
+  tokenizer: Emu3Tokenizer;
+  engine: Engine;
+  vq: VqClient;
+  limits: RequestLimits;
+  shape: PipelineShape;
+  stages: StageDescription[];
+  modelName: string;
+  opts: CoordinatorOptions;
+}
+
+async function buildPrompt(
+  deps: Deps,
+  parts: ValidPart[],
+  signal: AbortSignal,
+): Promise<{ prompt: number[]; grids: CodeGrid[]; vqMs: number }> {
+  const grids: CodeGrid[] = [];
+  let text = '';
+  const started = performance.now();
+  let index = 0;
+  for (const p of parts) {
+    if (p.kind === 'text') text += p.text;
+    else grids.push(await deps.vq.encode(p.data, p.mimeType, `parts[${index}].image`, signal));
+    index++;
+  }
+  const vqMs = grids.length > 0 ? performance.now() - started : 0;
+  return { prompt: understandingPromptIds(deps.tokenizer, text, grids), grids, vqMs };
+}
+
+function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImplementation {
+  const { engine, limits, shape } = deps;
+  return implement(
+    { service: 'Emu3', log, mapError: mapCoordinatorError },
+    {
+      Generate: serverStream(async (req: GenerateRequestLike, send: (m: unknown) => Promise<void>, ctx) => {
+        const received = performance.now();
+        const v = validateGenerateRequest(req, limits);
+        const { prompt, vqMs } = await buildPrompt(deps, v.parts, ctx.signal);
+        const maxNewTokens = checkPromptLength(prompt.length, v.sampling, limits.contextLength);
+        const seed = v.sampling.seed ?? (v.sampling.temperature === 0 ? 0 : randomInt(0, 2 ** 32));
+        const requestId = v.requestId || `req-${randomInt(0, 2 ** 47).toString(16)}`;
+        const events = new EventQueue();
+        const handle = engine.submit({
+          prompt,
+          maxNewTokens,
+          sampling: v.sampling,
+          seed,
+          topLogprobs: v.topLogprobs,
+          returnTokenIds: v.returnTokenIds,
+          onEvent: (e) => events.push(e),
+        });
+        const onAbort = () => handle.cancel();
+        ctx.signal.addEventListener('abort', onAbort, { once: true });
+        let queueMs = 0;
+        try {
+          for (;;) {
+            const e = await events.next(ctx.signal);
+            if (e.type === 'admitted') queueMs = e.queueMs;
+            else if (e.type === 'delta')
+              await send({ delta: { text: e.text, tokenIds: e.tokenIds, logprobs: e.logprobs } });
+            else if (e.type === 'error') throw mapCoordinatorError(e.error) ?? new Unavailable(e.error.message);
+            else {
+              await send({
+                final: {
+                  finishReason: e.finishReason,
+                  usage: e.usage,
+                  timings: { queueMs, vqMs, ttftMs: e.firstTokenAt - received, decodeMs: e.decodeMs },
+                  requestId,
+                  seed,
+                  stopString: e.stopString,
+                },
+              });
+              log.info('generated', {
+                requestId,
+                promptTokens: e.usage.promptTokens,
+                cachedTokens: e.usage.cachedTokens,
+                completionTokens: e.usage.completionTokens,
+                finish: e.finishReason,
+                ms: Math.round(performance.now() - received),
+              });
+              return;
+            }
+          }
+        } finally {
+          ctx.signal.removeEventListener('abort', onAbort);
+          if (ctx.signal.aborted) handle.cancel();
+        }
+      }),
+      Tokenize: unary(async (req: GenerateRequestLike, ctx) => {
+        const v = validateGenerateRequest({ parts: req.parts, task: req.task }, limits);
+        const { prompt, grids } = await buildPrompt(deps, v.parts, ctx.signal);
+        return { tokenIds: prompt, images: grids.map((g) => ({ height: g.height, width: g.width })) };
+      }),
+      GetModelInfo: unary(async () => {
+        const stats = engine.stats();
+        const t = deps.tokenizer;
+        return {
+          modelName: deps.modelName,
+          modelFingerprint: shape.fingerprint,
+          vocabSize: shape.vocabSize,
+          contextLength: limits.contextLength,
+          numLayers: shape.numLayers,
+          stages: deps.stages.map((s) => ({
+            address: s.address,
+            layerBegin: s.info.layer_begin,
+            layerEnd: s.info.layer_end,
+            precision: s.info.precision,
+          })),
+          bosTokenId: t.roles.bos,
+          eosTokenId: t.roles.eos,
+          padTokenId: t.roles.pad,
+          visualTokenBegin: shape.visualTokenBegin,
+          visualTokenEnd: shape.visualTokenEnd,
+          limits: {
+            maxImages: limits.maxImages,
+            maxImageBytes: limits.maxImageBytes,
+            maxTextChars: limits.maxTextChars,
+            maxStopStrings: limits.maxStopStrings,
+            maxStopChars: limits.maxStopChars,
+            maxTopK: limits.maxTopK,
+            maxTopLogprobs: limits.maxTopLogprobs,
+            maxQueue: deps.opts.maxQueue,
+          },
+          kvCapacityTokens: shape.kvCapacityTokens,
+          kvTokensInUse: stats.kvTokensReserved,
+        };
+      }),
+    },
+  );
+}
+
+async function waitForVq(vq: VqClient, timeoutMs: number): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      await vq.info(2000);
+      return;
+    } catch (err) {
+      if (Date.now() >= until)
+        throw new Error(
+          `the VQ service at ${vq.address} did not answer within ${timeoutMs} ms: ${(err as Error).message}`,
+        );
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
+
+export async function startCoordinator(opts: CoordinatorOptions): Promise<RunningCoordinator> {
+  const log = opts.log;
+  const config = loadEmu3Config(opts.modelDir);
+  const tokenizer = loadTokenizer(opts.modelDir);
+  const pipeline = new PipelineClient(opts.shards, log);
+  const vq = new VqClient(opts.vq);
+  const { stages, shape } = await pipeline.describe(opts.startTimeoutMs, config.numHiddenLayers);
+  await waitForVq(vq, opts.startTimeoutMs);
+  await pipeline.resetAll();
+  const capacity = commonCapacity(stages.map((s) => ({ slots: s.info.kv_slots, tokens: s.info.kv_capacity_tokens })));
+  const limits: RequestLimits = {
+    ...defaultLimits,
+    contextLength: Math.min(config.maxPositionEmbeddings, shape.kvSlotTokens),
+    maxImages: opts.maxImages,
+    maxTopK: Math.min(defaultLimits.maxTopK, shape.maxTopK || defaultLimits.maxTopK),
+  };
+  log.info('pipeline checked', {
+    stages: stages.map((s) => `${s.address}[${s.info.layer_begin},${s.info.layer_end})`),
+    fingerprint: shape.fingerprint.slice(0, 16),
+    kvSlots: capacity.slots,
+    kvTokens: capacity.tokens,
+    contextLength: limits.contextLength,
+  });
+
+  let engine: Engine | null = null;
+  const sink = await serve({
+    address: opts.sinkListen,
+    services: [resultSinkBinding((r) => engine?.onStepResult(r), log.child({ component: 'sink' }))],
+    log: log.child({ component: 'sink' }),
+    handleSignals: false,
+    drainTimeoutMs: 1000,
+  });
+  const replyTo = opts.sinkAdvertise ?? sink.address;
+  engine = new Engine(
+    {
+      scheduler: {
+        stages: opts.maxInFlight ?? stages.length,
+        maxBatchTokens: opts.maxBatchTokens,
+        maxBatchSeqs: opts.maxBatchSeqs,
+        maxRunning: capacity.slots,
+      },
+      kv: capacity,
+      blockSize: opts.blockSize,
+      maxQueue: opts.maxQueue,
+      prefixCacheEntries: opts.prefixCacheEntries,
+      minPrefixMatch: opts.minPrefixMatch,
+      tokenizer,
+      eosId: tokenizer.roles.eos,
+      replyTo,
+      onPipelineFailure: (reason) => {
+        log.error('micro-batch lost: keeping the sequences, bringing the pipeline back', { reason });
+        void recover();
+      },
+    },
+    { send: (r) => pipeline.send(r) },
+  );
+  const running = engine;
+  let closing = false;
+  const events = {
+    onAck: (ack: ForwardResponse) => running.onAck(ack),
+    onBroken: (err: Error) => {
+      if (closing) return;
+      log.error('pipeline broken: keeping the sequences, waiting for every stage to answer again', {
+        error: err.message,
+      });
+      running.suspend();
+      void recover();
+    },
+  };
+  // DESIGN.md §6: wait for the stage (or a replacement at the same address), drop every stage's KV, reopen the
+  // stream and prefill the live sequences again from their token history.
+  let recovering = false;
+  const recover = async (): Promise<void> => {
+    if (recovering) return;
+    recovering = true;
+    try {
+      await bringBack();
+    } finally {
+      recovering = false;
+    }
+  };
+  const bringBack = async (): Promise<void> => {
+    for (let attempt = 1; !closing; attempt++) {
+      try {
+        const again = await pipeline.describe(2000, config.numHiddenLayers);
+        if (again.shape.fingerprint !== shape.fingerprint)
+          throw new Error(`the stages now serve checkpoint ${again.shape.fingerprint}, not ${shape.fingerprint}`);
+        await pipeline.resetAll();
+        if (!pipeline.isOpen) pipeline.open(events);
+        running.resume();
+        log.info('pipeline back', { attempt });
+        return;
+      } catch (err) {
+        if (attempt % 10 === 1) log.warn('pipeline still down', { attempt, error: (err as Error).message });
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+  };
+  pipeline.open(events);
+
+  // Per-stage compute over time, for bubble (idle) metrics: a line a second while micro-batches run.
+  let lastBatches = 0;
+  const statsTimer = setInterval(() => {
+    const s = running.stats();
+    if (s.microBatches === lastBatches) return;
+    lastBatches = s.microBatches;
+    log.info('engine stats', { ...s, stageComputeMs: s.stageComputeMs.map((ms) => +ms.toFixed(2)) });
+  }, 1000);
+  statsTimer.unref();
+
+  const pkg = publicPackage();
+  const definition = (grpc.loadPackageDefinition(pkg).emu3 as grpc.GrpcObject).v1 as grpc.GrpcObject;
+  const services: ServiceBinding[] = [
+    {
+      name: PUBLIC_SERVICE,
+      definition: (definition.Emu3 as grpc.ServiceClientConstructor).service,
+      implementation: publicImplementation(
+        { tokenizer, engine, vq, limits, shape, stages, modelName: basename(opts.modelDir), opts },
+        log,
+      ),
+    },
+  ];
+  const reflection = new ReflectionService(pkg);
+  reflection.addToServer({
+    addService: (def: grpc.ServiceDefinition, implementation: grpc.UntypedServiceImplementation) => {
+      const first = Object.values(def)[0] as { path: string };
+      services.push({ name: first.path.split('/')[1], definition: def, implementation });
+    },
+  });
+  const server = await serve({
+    address: opts.listen,
+    services,
+    log,
+    maxReceiveMessageBytes: opts.maxMessageBytes,
+    drainTimeoutMs: opts.drainTimeoutMs,
+    handleSignals: opts.handleSignals,
+    onClose: async () => {
+      closing = true;
+      clearInterval(statsTimer);
+      pipeline.close();
+      vq.close();
+      await sink.shutdown('coordinator stopped');
+    },
+  });
+  return {
+    server,
+    sinkAddress: sink.address,
+    engine,
+    shape,
+    shutdown: (reason) => server.shutdown(reason),
+    closed: server.closed,
+  };
+}

@@ -1,0 +1,121 @@
+// The messages of proto/emu3/internal/v1/shard.proto as @grpc/proto-loader gives them with lib/rpc's options
+// (keepCase: snake_case fields; longs as numbers; enums as names; bytes as Buffer; defaults filled in).
+
+export const SHARD_PROTO = 'emu3/internal/v1/shard.proto';
+export const SHARD_SERVICE = 'emu3.internal.v1.Shard';
+export const RESULT_SINK_SERVICE = 'emu3.internal.v1.ResultSink';
+
+export type DTypeName = 'DTYPE_UNSPECIFIED' | 'DTYPE_FLOAT32' | 'DTYPE_FLOAT16' | 'DTYPE_BFLOAT16' | 'DTYPE_INT32';
+export type MaskKindName = 'MASK_KIND_UNSPECIFIED' | 'MASK_KIND_TEXT' | 'MASK_KIND_IMAGE_LAYOUT';
+
+export interface Tensor {
+  data: Buffer;
+  dtype: DTypeName;
+  shape: number[];
+}
+
+export interface ShardInfo {
+  layer_begin: number;
+  layer_end: number;
+  num_layers: number;
+  is_first: boolean;
+  is_last: boolean;
+  precision: string;
+  model_fingerprint: string;
+  hidden_size: number;
+  vocab_size: number;
+  hidden_dtype: DTypeName;
+  kv_slots: number;
+  kv_slot_tokens: number;
+  kv_capacity_tokens: number;
+  kv_tokens_in_use: number;
+  kv_slots_in_use: number;
+  kv_bytes_per_token: number;
+  visual_token_begin: number;
+  visual_token_end: number;
+  max_top_k: number;
+}
+
+export interface KvCopy {
+  from_slot: number;
+  length: number;
+}
+
+export interface BatchItem {
+  sequence_id: number;
+  slot: number;
+  start_position: number;
+  token_count: number;
+  sample: boolean;
+  copy_prefix?: KvCopy | null;
+}
+
+export interface SamplingSide {
+  sequence_id: number;
+  mask: MaskKindName;
+  temperature: number;
+  repetition_penalty: number;
+  penalised_ids: number[];
+  top_k: number;
+  full_row: boolean;
+}
+
+export interface MicroBatch {
+  micro_batch_id: number;
+  items: BatchItem[];
+  token_ids: number[];
+  sampling: SamplingSide[];
+  reply_to: string;
+  traceparent: string;
+}
+
+export interface KvCopyTo {
+  from_slot: number;
+  to_slot: number;
+  length: number;
+}
+
+export interface KvCommand {
+  free_slots: number[];
+  copies: KvCopyTo[];
+}
+
+export type ForwardRequest = { batch: MicroBatch } | { kv: KvCommand };
+
+export interface ForwardResponse {
+  micro_batch_id: number;
+  error: string;
+  compute_ms: number;
+  queue_ms: number;
+}
+
+export interface SequenceResult {
+  sequence_id: number;
+  candidate_ids: Tensor | null;
+  logprobs: Tensor | null;
+}
+
+export interface StepResult {
+  micro_batch_id: number;
+  results: SequenceResult[];
+  stage_compute_ms: number[];
+  error: string;
+}
+
+/** A little-endian int32 tensor's values (copied: received buffers need not be 4-byte aligned). */
+export function int32Values(t: Tensor, what: string): Int32Array {
+  if (t.dtype !== 'DTYPE_INT32') throw new Error(`${what}: dtype ${t.dtype}, expected DTYPE_INT32`);
+  if (t.data.length % 4 !== 0) throw new Error(`${what}: ${t.data.length} bytes is not a whole number of int32`);
+  const out = new Int32Array(t.data.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = t.data.readInt32LE(i * 4);
+  return out;
+}
+
+/** A little-endian float32 tensor's values, widened to float64. */
+export function float32Values(t: Tensor, what: string): Float64Array {
+  if (t.dtype !== 'DTYPE_FLOAT32') throw new Error(`${what}: dtype ${t.dtype}, expected DTYPE_FLOAT32`);
+  if (t.data.length % 4 !== 0) throw new Error(`${what}: ${t.data.length} bytes is not a whole number of float32`);
+  const out = new Float64Array(t.data.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = t.data.readFloatLE(i * 4);
+  return out;
+}

@@ -1,0 +1,94 @@
+// The coordinator's client of the VQ service: an image part → its code grid. The VQ service's refusals of the image
+// (INVALID_ARGUMENT, RESOURCE_EXHAUSTED for a full queue) are passed on naming the request's part; anything else
+// means the VQ service is unreachable or broken (UNAVAILABLE).
+import { createHash } from 'node:crypto';
+import * as grpc from '@grpc/grpc-js';
+import type { CodeGrid } from '../../lib/prompt/prompt.js';
+import { createClient, unaryCall } from '../../lib/rpc/client.js';
+import { InvalidArgument, ResourceExhausted, Unavailable } from '../../lib/rpc/errors.js';
+
+const VQ_PROTO = 'emu3/internal/v1/vq.proto';
+const VQ_SERVICE = 'emu3.internal.v1.VqService';
+
+interface EncodeResponse {
+  h: number;
+  w: number;
+  codes: Buffer;
+}
+
+export interface VqInfo {
+  codebook_size: number;
+  fingerprint: string;
+  max_message_bytes: number;
+}
+
+export class VqClient {
+  private readonly client: grpc.Client;
+  /**
+   * Code grids of recently seen images, by SHA-256 of the bytes (LRU, Map insertion order): a repeated image is not
+   * sent to the VQ service again, so with the prefix cache its whole prompt costs one token of prefill.
+   */
+  private readonly grids = new Map<string, CodeGrid>();
+
+  constructor(
+    readonly address: string,
+    private readonly timeoutMs = 120_000,
+    private readonly cacheEntries = 64,
+  ) {
+    this.client = createClient(VQ_PROTO, VQ_SERVICE, address);
+  }
+
+  info(deadlineMs = 5000): Promise<VqInfo> {
+    return unaryCall<object, VqInfo>(this.client, 'Info', {}, { deadlineMs });
+  }
+
+  /** `field` names the part in errors, e.g. "parts[0].image". */
+  async encode(data: Uint8Array, mimeType: string, field: string, signal?: AbortSignal): Promise<CodeGrid> {
+    const key = createHash('sha256').update(data).digest('hex');
+    const cached = this.grids.get(key);
+    if (cached) {
+      this.grids.delete(key);
+      this.grids.set(key, cached);
+      return cached;
+    }
+    const grid = await this.encodeRemote(data, mimeType, field, signal);
+    if (this.cacheEntries > 0) {
+      this.grids.set(key, grid);
+      if (this.grids.size > this.cacheEntries) this.grids.delete(this.grids.keys().next().value as string);
+    }
+    return grid;
+  }
+
+  private async encodeRemote(
+    data: Uint8Array,
+    mimeType: string,
+    field: string,
+    signal?: AbortSignal,
+  ): Promise<CodeGrid> {
+    let res: EncodeResponse;
+    try {
+      res = await unaryCall<object, EncodeResponse>(
+        this.client,
+        'Encode',
+        { image: Buffer.from(data.buffer, data.byteOffset, data.byteLength), mime_type: mimeType },
+        { deadlineMs: this.timeoutMs },
+      );
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason;
+      const e = err as grpc.ServiceError;
+      if (e.code === grpc.status.INVALID_ARGUMENT) throw new InvalidArgument(`${field}: ${e.details}`);
+      if (e.code === grpc.status.RESOURCE_EXHAUSTED) throw new ResourceExhausted(`${field}: vq: ${e.details}`);
+      throw new Unavailable(`${field}: the VQ service at ${this.address} failed: ${e.details ?? e.message}`);
+    }
+    const n = res.h * res.w;
+    if (res.codes.length !== n * 4)
+      throw new Unavailable(`${field}: the VQ service returned ${res.codes.length} bytes for a ${res.h}x${res.w} grid`);
+    const codes = new Int32Array(n);
+    for (let i = 0; i < n; i++) codes[i] = res.codes.readInt32LE(i * 4);
+    return { height: res.h, width: res.w, codes };
+  }
+
+  close(): void {
+    this.client.close();
+  }
+}
