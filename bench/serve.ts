@@ -4,10 +4,9 @@
 // coordinator's "engine stats" log lines, which sum StepResult.stage_compute_ms), pipeline efficiency, scaling and the
 // prefix-cache ratio. Writes its section of BENCHMARKS.md.
 //   node dist/bench/serve.js [--dir DIR] [--new-tokens N] [--no-write]
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism, homedir, loadavg } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type * as grpc from '@grpc/grpc-js';
 import { emu3Client } from '../cli/chat.js';
 import { startSystem } from '../cli/system.js';
@@ -16,6 +15,7 @@ import { writeTinyEmu3 } from '../lib/model/tiny.js';
 import { writeTokenizerFiles } from '../lib/tokenizer/files.js';
 import { writeTinyVq } from '../lib/vq/tiny.js';
 import { picture } from '../test/integration/pipeline-harness.js';
+import { writeBenchSection } from './report.js';
 
 const args = process.argv.slice(2);
 const arg = (name: string, def: string) => {
@@ -143,9 +143,6 @@ async function main(): Promise<void> {
     writeTinyEmu3(dir, { seed: 0, preset: 'small', dtype: 'f32', shards: 1 });
     await writeTokenizerFiles(dir);
     writeTinyVq(join(dir, 'vq'), { seed: 0, preset: 'small' });
-    // Upstream min_pixels (512²) makes a 4,163-token image prompt, beyond the small preset's 4,096-token context.
-    const pre = join(dir, 'vq', 'preprocessor_config.json');
-    writeFileSync(pre, JSON.stringify({ ...JSON.parse(readFileSync(pre, 'utf8')), min_pixels: 256 * 256 }));
   }
   const started = Date.now();
   const two = await measure(2, join(dir, 'logs-2'));
@@ -183,29 +180,17 @@ async function main(): Promise<void> {
 }
 
 function writeSection(text: string): void {
-  const path = join(fileURLToPath(new URL('../..', import.meta.url)), 'BENCHMARKS.md');
-  const header = '## Serving';
-  const body = [
-    header,
-    '',
-    'Command: `npm run bench:serve` (builds, then `node dist/bench/serve.js [--dir DIR] [--new-tokens N]`). Starts vq,',
-    'the shards and the coordinator as processes (as `emu3 up` does) on the `small` preset (generated once into',
-    '`$EMU3_CACHE_DIR/bench-small`), first as a 2-shard pipeline, then as one stage serving all 12 layers, and streams',
-    'text requests at concurrency 1, 8 and 32. Idle fraction = 1 − (Σ StepResult.stage_compute_ms ÷ wall time).',
-    '',
-    text,
-    '',
-    '',
-  ].join('\n');
-  let doc = existsSync(path) ? readFileSync(path, 'utf8') : '# Benchmarks\n';
-  const start = doc.indexOf(`${header}\n`);
-  if (start >= 0) {
-    const next = doc.indexOf('\n## ', start + header.length);
-    doc = doc.slice(0, start) + body + (next >= 0 ? doc.slice(next + 1) : '');
-  } else {
-    doc = `${doc.trimEnd()}\n\n${body}`;
-  }
-  writeFileSync(path, doc);
+  writeBenchSection(
+    'Serving',
+    [
+      'Command: `npm run bench:serve` (builds, then `node dist/bench/serve.js [--dir DIR] [--new-tokens N]`). Starts vq,',
+      'the shards and the coordinator as processes (as `emu3 up` does) on the `small` preset (generated once into',
+      '`$EMU3_CACHE_DIR/bench-small`), first as a 2-shard pipeline, then as one stage serving all 12 layers, and streams',
+      'text requests at concurrency 1, 8 and 32. Idle fraction = 1 − (Σ StepResult.stage_compute_ms ÷ wall time).',
+      '',
+      text,
+    ].join('\n'),
+  );
 }
 
 await main();

@@ -5,7 +5,7 @@
 // peak RSS while building / loading ÷ weight bytes (each in a fresh child process), int4-vs-fp32 greedy agreement.
 // Usage: node dist/bench/stage.js [--dir DIR] [--runs N] [--no-write]   (DIR keeps the generated checkpoints)
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -18,6 +18,7 @@ import { GraphBuilder } from '../lib/onnx/graph.js';
 import type { Precision } from '../lib/onnx/stage-graph.js';
 import { type ForwardInput, StageRuntime } from '../lib/runtime/stage-runtime.js';
 import { Rng } from '../lib/util/rng.js';
+import { writeBenchSection } from './report.js';
 
 const args = process.argv.slice(2);
 const flag = (name: string) => {
@@ -347,29 +348,18 @@ async function main(): Promise<void> {
 }
 
 function writeSection(text: string): void {
-  const path = join(fileURLToPath(new URL('../..', import.meta.url)), 'BENCHMARKS.md');
-  const header = '## Stage';
-  const body = [
-    header,
-    '',
-    'Command: `npm run bench:stage` (builds, then `node dist/bench/stage.js [--dir DIR] [--runs N]`). Generates the',
-    '`small` preset and a 3-layer checkpoint with the real Emu3 layer shapes (bench runs its layer 1 as a middle stage),',
-    'builds each stage graph, then times decode steps (median of N runs; batch b = b sequences, one new token each, at',
-    'context c) and a 2048-token prefill in chunks of 512. RSS columns: peak RSS growth of a fresh process while',
-    'building (cold cache) / loading (warm cache) the stage, divided by the weight file size.',
-    '',
-    text,
-    '',
-  ].join('\n');
-  let doc = existsSync(path) ? readFileSync(path, 'utf8') : '# Benchmarks\n';
-  const start = doc.indexOf(`${header}\n`);
-  if (start >= 0) {
-    const next = doc.indexOf('\n## ', start + header.length);
-    doc = doc.slice(0, start) + body + (next >= 0 ? doc.slice(next + 1) : '');
-  } else {
-    doc = `${doc.trimEnd()}\n\n${body}`;
-  }
-  writeFileSync(path, doc);
+  writeBenchSection(
+    'Stage',
+    [
+      'Command: `npm run bench:stage` (builds, then `node dist/bench/stage.js [--dir DIR] [--runs N]`). Generates the',
+      '`small` preset and a 3-layer checkpoint with the real Emu3 layer shapes (bench runs its layer 1 as a middle stage),',
+      'builds each stage graph, then times decode steps (median of N runs; batch b = b sequences, one new token each, at',
+      'context c) and a 2048-token prefill in chunks of 512. RSS columns: peak RSS growth of a fresh process while',
+      'building (cold cache) / loading (warm cache) the stage, divided by the weight file size.',
+      '',
+      text,
+    ].join('\n'),
+  );
 }
 
 await main();

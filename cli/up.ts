@@ -1,7 +1,7 @@
 // `emu3 up` (= `npm start`): the whole system on this machine as separate processes on loopback: vq, N shards and the
 // coordinator. Generates emu3-tiny first when the default model directory is missing.
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { loadEmu3Config } from '../lib/model/config.js';
 import type { CommandSpec } from './args.js';
@@ -43,16 +43,6 @@ function makeTiny(dir: string): Promise<void> {
   });
 }
 
-/**
- * The tiny VQ keeps upstream's min_pixels (512²): every image becomes a 64×64 grid, a 4,163-token prompt, beyond
- * emu3-tiny's 2,048-token context. 128² (a 16×16 grid, ~300 tokens) lets `emu3 chat --image` work on the demo model.
- */
-function fitImagesToTinyContext(vqDir: string): void {
-  const path = join(vqDir, 'preprocessor_config.json');
-  const config = JSON.parse(readFileSync(path, 'utf8'));
-  writeFileSync(path, `${JSON.stringify({ ...config, min_pixels: 128 * 128 }, null, 2)}\n`);
-}
-
 export const command: Command = {
   spec,
   async run(flags) {
@@ -60,7 +50,6 @@ export const command: Command = {
     if (!existsSync(join(modelDir, 'config.json'))) {
       if (resolve(modelDir) !== resolve(DEFAULT_MODEL)) throw new Error(`--model ${modelDir}: no config.json there`);
       await makeTiny(modelDir);
-      fitImagesToTinyContext(join(modelDir, 'vq'));
     }
     const config = loadEmu3Config(modelDir);
     const shards = flags.int('shards', 1, config.numHiddenLayers)!;

@@ -26,8 +26,18 @@ export function vqConfigJson(preset: VqPreset): Record<string, unknown> {
   };
 }
 
-/** EMU3.md §4.1 defaults. */
-export function preprocessorConfigJson(): Record<string, unknown> {
+/**
+ * EMU3.md §4.1 keys and values, except the pixel bounds: upstream's 512²–1024² makes every image a 4,163–16,448-token
+ * prompt, beyond the presets' contexts (tiny 2,048, small 4,096). tiny takes 128²–256² (≤ 32×32 codes, ≤ 1,063
+ * tokens); small 256²–384² (≤ 48×48 codes, ≤ 2,359 tokens). A real VisionTokenizer directory brings its own file.
+ */
+export const presetPixelBounds: Record<VqPreset, { minPixels: number; maxPixels: number }> = {
+  tiny: { minPixels: 128 * 128, maxPixels: 256 * 256 },
+  small: { minPixels: 256 * 256, maxPixels: 384 * 384 },
+};
+
+export function preprocessorConfigJson(preset: VqPreset = 'tiny'): Record<string, unknown> {
+  const bounds = presetPixelBounds[preset];
   return {
     auto_map: { AutoImageProcessor: 'image_processing_emu3visionvq.Emu3VisionVQImageProcessor' },
     do_convert_rgb: true,
@@ -37,8 +47,8 @@ export function preprocessorConfigJson(): Record<string, unknown> {
     image_mean: [0.5, 0.5, 0.5],
     image_processor_type: 'Emu3VisionVQImageProcessor',
     image_std: [0.5, 0.5, 0.5],
-    max_pixels: 1048576,
-    min_pixels: 262144,
+    max_pixels: bounds.maxPixels,
+    min_pixels: bounds.minPixels,
     resample: 3,
     rescale_factor: 1 / 255,
     spatial_factor: 8,
@@ -89,7 +99,10 @@ export function writeTinyVq(dir: string, opts: { seed: number; preset: VqPreset 
   const specs = vqParamSpecs(cfg);
   const rng = new Rng(opts.seed);
   writeFileSync(join(dir, 'config.json'), `${JSON.stringify(configJson, null, 2)}\n`);
-  writeFileSync(join(dir, 'preprocessor_config.json'), `${JSON.stringify(preprocessorConfigJson(), null, 2)}\n`);
+  writeFileSync(
+    join(dir, 'preprocessor_config.json'),
+    `${JSON.stringify(preprocessorConfigJson(opts.preset), null, 2)}\n`,
+  );
   writeSafetensors(
     join(dir, 'model.safetensors'),
     specs.map((p) => ({

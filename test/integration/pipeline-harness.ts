@@ -1,9 +1,8 @@
 // A whole system for the pipeline integration tests, started like `emu3 up` does (cli/system.ts): vq + 2 shards +
-// coordinator as real processes on loopback, over an emu3-tiny written once per test file. The tiny VQ's
-// preprocessor_config.json gets min_pixels 128² (upstream's 512² gives a 64×64 grid, 4,163 tokens: more than the
-// tiny LLM's 2,048-token context), so an image prompt is ~300 tokens here.
+// coordinator as real processes on loopback, over an emu3-tiny written once per test file. The tiny VQ's pixel
+// bounds (128²–256², lib/vq/tiny.ts) keep an image prompt within the tiny LLM's 2,048-token context.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -32,8 +31,6 @@ export async function startHarness(coordinatorArgs: string[] = []): Promise<Harn
   writeTinyEmu3(modelDir, { seed: 0, preset: 'tiny', dtype: 'f32', shards: 1 });
   await writeTokenizerFiles(modelDir);
   writeTinyVq(join(modelDir, 'vq'), { seed: 0, preset: 'tiny' });
-  const pre = join(modelDir, 'vq', 'preprocessor_config.json');
-  writeFileSync(pre, JSON.stringify({ ...JSON.parse(readFileSync(pre, 'utf8')), min_pixels: 128 * 128 }));
   const system = await startSystem(
     { modelDir, shards: 2, coordinatorArgs, logDir: join(work, 'logs') },
     loadEmu3Config(modelDir),

@@ -137,16 +137,3 @@ test('resize rejects a buffer whose length does not match the stated size', () =
   assert.throws(() => resizeBicubic(new Uint8Array(10), 2, 2, 4, 4), /source has 10 bytes, expected 2x2x3 = 12/);
   assert.throws(() => resizeBicubic(new Uint8Array(12), 2, 2, 0, 4), /target width must be an integer >= 1/);
 });
-
-test('1024x1024 -> 720x720 resize is fast (best of 3 well under 100 ms on a free core)', () => {
-  const src = patternRgb(1024, 1024, 3);
-  let best = Number.POSITIVE_INFINITY;
-  for (let i = 0; i < 3; i++) {
-    const t0 = performance.now();
-    resizeBicubic(src, 1024, 1024, 720, 720);
-    best = Math.min(best, performance.now() - t0);
-  }
-  // Loose bound: the machine is shared; this catches an algorithmic regression, not a few ms.
-  assert.ok(best < 300, `best of 3: ${best.toFixed(1)} ms`);
-  console.log(`# resize 1024x1024 -> 720x720: best of 3 ${best.toFixed(1)} ms`);
-});
