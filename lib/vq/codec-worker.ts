@@ -27,14 +27,25 @@ async function main(): Promise<void> {
     } finally {
       w.close();
     }
+    // Both graphs take a new H×W per image and hold GB-sized intermediates. Measured on 2 cores (tiny VQ 720×720
+    // encode + decode; real-shaped decoder 512×512):
+    // - enableCpuMemArena false: ORT's arena keeps every freed intermediate reserved (tiny: 2.2 GB held after one
+    //   encode + decode, 4.0 GB after two; real-shaped decoder: 4.9 GB held) and its rounding raises the peak.
+    //   Without it each run returns its memory: tiny 165 MB held, flat over runs, peak 1.3 GB; real-shaped decoder
+    //   0.8 GB held, peak 4.1 GB; latency unchanged (tiny 1.7 s encode, 3.4 s decode).
+    // - enableMemPattern kept on (ORT's default): its per-shape plan makes one block per run, which without the
+    //   arena is freed after the run; turning it off too was slower (2.6–3.2 s / 5.6–6.4 s) with a higher peak
+    //   (1.6 GB tiny, 4.3 GB real-shaped).
+    // - executionMode 'sequential': 'parallel' was about 2× slower and held 1.1 GB more (tiny).
+    // - graphOptimizationLevel: 'all' for the encoder; 'extended' for the decoder, whose NCHWc layouts under 'all'
+    //   peak at 7.8 GB instead of 4.1 GB (real-shaped, 512×512) for no gain in time.
     const opts = (level: 'all' | 'extended'): ort.InferenceSession.SessionOptions => ({
       graphOptimizationLevel: level,
       executionMode: 'sequential',
+      enableCpuMemArena: false,
       ...(init.threads > 0 ? { intraOpNumThreads: init.threads } : {}),
     });
     encoder = await ort.InferenceSession.create(encPath, opts('all'));
-    // Measured on the real-shaped decoder at 512×512: 'all' (NCHWc layouts) peaks at 8.3 GB, 'extended' at 4.9 GB
-    // for about the same time; at 720×720 and beyond that difference decides whether it fits.
     decoder = await ort.InferenceSession.create(decPath, opts('extended'));
   } catch (e) {
     port.postMessage({ type: 'ready', error: (e as Error).message } satisfies WorkerReply);

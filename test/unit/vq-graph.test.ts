@@ -121,7 +121,54 @@ describe('quantizer', () => {
   it('takes the first minimum on ties (duplicate rows and equidistant codes)', () => {
     const cb = new Codebook(Float32Array.from([5, 5, 1, 0, -1, 0, 1, 0]), 4, 2);
     // (0,0) is at distance 1 from rows 1, 2 and 3; row 3 duplicates row 1.
-    assert.deepEqual([...cb.quantize(Float32Array.from([0, 0, 1, 0]))], [1, 1]);
+    const latents = Float32Array.from([0, 0, 1, 0]);
+    assert.deepEqual([...cb.quantize(latents)], [1, 1]);
+    assert.deepEqual([...cb.quantizeScan(latents)], [1, 1]);
+  });
+
+  it('the k-d tree search equals the full scan on a 32,768 × 4 codebook, near and far from the codes', () => {
+    const rng = new Rng(11);
+    const size = 32768;
+    const cb = new Codebook(
+      new Float32Array(size * 4).map(() => rng.normal() * 0.5),
+      size,
+      4,
+    );
+    for (const scale of [0.05, 0.5, 2, 50]) {
+      const latents = new Float32Array(600 * 4).map(() => rng.normal() * scale);
+      const tree = cb.quantize(latents);
+      assert.deepEqual(tree, cb.quantizeScan(latents), `latent scale ${scale}`);
+      if (scale === 0.5 || scale === 2)
+        assert.ok(new Set(tree).size > 200, `scale ${scale}: only ${new Set(tree).size} distinct codes`);
+    }
+  });
+
+  it('the k-d tree keeps the first minimum among many exact ties (shuffled integer grid with duplicates)', () => {
+    // Codes on the integer grid {0..5}⁴, each twice, shuffled; latents on half-integers are equidistant from up to
+    // 16 grid points × 2 duplicates. All values are exact in float, so the first minimum is unambiguous.
+    const rng = new Rng(12);
+    const grid: number[][] = [];
+    for (let k = 0; k < 6 ** 4 * 2; k++) {
+      const v = k % 6 ** 4;
+      grid.push([v % 6, Math.floor(v / 6) % 6, Math.floor(v / 36) % 6, Math.floor(v / 216)]);
+    }
+    for (let i = grid.length - 1; i > 0; i--) {
+      const j = Math.floor(rng.uniform() * (i + 1));
+      [grid[i], grid[j]] = [grid[j], grid[i]];
+    }
+    const cb = new Codebook(Float32Array.from(grid.flat()), grid.length, 4);
+    const latents = new Float32Array(500 * 4).map(() => Math.floor(rng.uniform() * 13) / 2 - 0.5);
+    const codes = cb.quantize(latents);
+    for (let i = 0; i < 500; i++) {
+      const z = latents.subarray(i * 4, i * 4 + 4);
+      let first = -1;
+      let best = Number.POSITIVE_INFINITY;
+      grid.forEach((e, j) => {
+        const d = e.reduce((s, x, c) => s + (z[c] - x) ** 2, 0);
+        if (d < best) [best, first] = [d, j];
+      });
+      assert.equal(codes[i], first, `latent ${i} (${[...z]})`);
+    }
   });
 
   it('lookup refuses codes outside the codebook', () => {
@@ -191,7 +238,9 @@ describe('writeTinyVq', () => {
       assert.equal(config.codebook_size, 32768);
       assert.equal(config.embed_dim, 4);
       const pre = JSON.parse(file('a', 'preprocessor_config.json').toString());
-      assert.deepEqual([pre.min_pixels, pre.max_pixels, pre.spatial_factor, pre.resample], [262144, 1048576, 8, 3]);
+      // The tiny preset bounds images to 128²–256² pixels (so an image prompt fits emu3-tiny's context), not the
+      // upstream 512²–1024².
+      assert.deepEqual([pre.min_pixels, pre.max_pixels, pre.spatial_factor, pre.resample], [16384, 65536, 8, 3]);
       const w = VqWeights.open(join(root, 'a'));
       try {
         const nbt = w.file.info('encoder.time_res_stack.0.norm1.num_batches_tracked');
