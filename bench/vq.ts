@@ -5,7 +5,7 @@
 // Encode input is an already preprocessed [3, H, W] image in [−1, 1]; decode output is the raw decoder tensor
 // (no PNG). Usage: npm run bench:vq [-- --runs-tiny N --runs-real N --threads N]
 import { execFileSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { availableParallelism, cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Rng } from '../lib/util/rng.js';
@@ -16,6 +16,7 @@ import { defaultCacheDir } from '../lib/vq/graph-cache.js';
 import { Codebook } from '../lib/vq/quantize.js';
 import { type VqPreset, writeTinyVq } from '../lib/vq/tiny.js';
 import { VqWeights } from '../lib/vq/weights.js';
+import { benchmarksPath, median, writeBenchSection } from './report.js';
 
 const SEED = 1;
 
@@ -41,11 +42,6 @@ interface QuantizerResult {
 function arg(name: string, fallback: number): number {
   const i = process.argv.indexOf(name);
   return i >= 0 ? Number(process.argv[i + 1]) : fallback;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 function vqDir(preset: VqPreset): string {
@@ -116,9 +112,6 @@ function benchQuantizer(): QuantizerResult {
 }
 
 function writeSection(results: CaseResult[], quant: QuantizerResult, threads: number, loadBefore: number): void {
-  const path = join(import.meta.dirname, '..', '..', 'BENCHMARKS.md');
-  const begin = '<!-- bench:vq begin -->';
-  const end = '<!-- bench:vq end -->';
   const rows = results.map((r) => {
     const name = r.preset === 'tiny' ? 'tiny (ch 32)' : 'real-shaped (ch 256)';
     const tokens = (r.size / 8) ** 2;
@@ -126,9 +119,6 @@ function writeSection(results: CaseResult[], quant: QuantizerResult, threads: nu
     return `| ${name} | ${r.size}×${r.size} | ${tokens} | ${median(r.encodeMs).toFixed(0)} | ${median(r.decodeMs).toFixed(0)} | ${r.peakRssMiB.toFixed(0)} | ${rss} | ${r.runs} | ${(r.openMs / 1000).toFixed(1)} |`;
   });
   const section = [
-    begin,
-    '## VQ image tokenizer (encode / decode)',
-    '',
     'Command: `npm run bench:vq` (bench/vq.ts). Random-weight VQs from `writeTinyVq` (seed 1); the real-shaped one has',
     'the upstream shape (ch 256, ch_mult [1,2,2,4], 270.7 M parameters). Encode = ONNX encoder graph + exact k-d tree',
     'argmin over the 32,768-code codebook (lib/vq/quantize.ts), from an already preprocessed [3, H, W] float image;',
@@ -150,16 +140,9 @@ function writeSection(results: CaseResult[], quant: QuantizerResult, threads: nu
     `Quantizer alone, ${quant.latents} latents (720×720) against the 32,768 codes: k-d tree ${quant.treeMs.toFixed(0)} ms, full`,
     `scan (the previous quantizer's method) ${quant.scanMs.toFixed(0)} ms, identical codes. An in-graph MatMul + ArgMin was`,
     'measured at about 850 ms with a 1.06 GB [8100, 32768] distance matrix, so the quantizer stays in JS.',
-    end,
   ].join('\n');
-  const old = existsSync(path) ? readFileSync(path, 'utf8') : '# Benchmarks\n';
-  const at = old.indexOf(begin);
-  const next =
-    at >= 0
-      ? old.slice(0, at) + section + old.slice(old.indexOf(end) + end.length)
-      : `${old.trimEnd()}\n\n${section}\n`;
-  writeFileSync(path, next);
-  console.log(`wrote the VQ section of ${path}`);
+  writeBenchSection('VQ image tokenizer (encode / decode)', section);
+  console.log(`wrote the VQ section of ${benchmarksPath}`);
 }
 
 async function main(): Promise<void> {
