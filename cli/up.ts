@@ -20,7 +20,10 @@ const spec: CommandSpec = {
       default: DEFAULT_MODEL,
     },
     vq: { help: 'VQ model directory (default: <model>/vq)' },
-    shards: { help: 'pipeline stages, each a process serving an even share of the layers', default: '2' },
+    shards: {
+      help: 'pipeline stages, each a process; layers are split so every stage reads about the same weight bytes per token (the last stage also runs lm_head, so it gets fewer layers)',
+      default: '2',
+    },
     listen: { help: 'public address of the coordinator', default: '127.0.0.1:50051' },
     precision: { help: 'shard weight precision: fp32 or int4', default: 'fp32' },
     'log-dir': { help: 'write each process log to DIR/<name>.log (default: logs are kept in memory only)' },
