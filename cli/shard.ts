@@ -33,6 +33,10 @@ const spec: CommandSpec = {
       help: 'graph cache directory (default: $EMU3_CACHE_DIR, else <model>/.emu3-cache, else ~/.cache/emu3-serve)',
     },
     threads: { help: 'ORT intra-op threads (default: all cores)' },
+    'no-spin': {
+      boolean: true,
+      help: 'idle ORT threads sleep at once instead of spin-waiting (for shards sharing cores with other processes)',
+    },
     'drain-timeout-ms': {
       help: 'on SIGTERM/SIGINT, how long queued micro-batches may take before the rest are cut off',
       default: '30000',
@@ -64,6 +68,7 @@ export const command: Command = {
       slotTokens: flags.int('slot-tokens', 1),
       cacheDir: flags.string('cache-dir'),
       threads: flags.int('threads', 1, 1024),
+      spin: !flags.bool('no-spin'),
       log: log.child({ layers: `${layers[0]}-${layers[1]}` }),
       drainTimeoutMs: flags.int('drain-timeout-ms', 0),
     });

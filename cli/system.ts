@@ -204,10 +204,18 @@ async function stopAll(children: Child[], graceMs: number): Promise<void> {
 export async function startSystem(opts: SystemOptions, config: Emu3Config): Promise<RunningSystem> {
   const progress = opts.progress ?? (() => {});
   const stages = splitLayers(config.numHiddenLayers, opts.shards ?? 2, stageCosts(config));
-  // The shards share this machine's cores: each gets its share, unless told otherwise.
-  const threads = Math.max(1, Math.floor(availableParallelism() / stages.length));
-  const shardArgs = opts.shardArgs ?? [];
-  if (!shardArgs.includes('--threads')) shardArgs.push('--threads', String(threads));
+  // The shards share this machine's cores. Each may use all of them: at low load only one stage works at a time
+  // (a token passes through them in turn), and at high load the OS shares the cores between the stages that have
+  // work, so the slowest stage (the last, with lm_head) is not capped at 1/N of the machine. Idle ORT threads must
+  // then sleep rather than spin, or they take cores from the stage that is computing.
+  const shardArgs = [...(opts.shardArgs ?? [])];
+  if (!shardArgs.includes('--threads')) shardArgs.push('--threads', String(availableParallelism()));
+  if (stages.length > 1 && !shardArgs.includes('--no-spin')) shardArgs.push('--no-spin');
+  // For the same reason one micro-batch in flight (unless told otherwise): splitting the decodes over S micro-batches
+  // only pays when each stage has cores of its own; here it halves the batch, so every weight is read twice as
+  // often per token, while the stages still compete for the same cores (measured in BENCHMARKS.md "Serving").
+  const coordinatorArgs = [...(opts.coordinatorArgs ?? [])];
+  if (!coordinatorArgs.includes('--max-in-flight')) coordinatorArgs.push('--max-in-flight', '1');
   const host = '127.0.0.1';
   const vqAddress = `${host}:${await freePort()}`;
   const shardAddresses: string[] = [];
@@ -252,7 +260,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
         vqAddress,
         '--listen',
         address,
-        ...(opts.coordinatorArgs ?? []),
+        ...coordinatorArgs,
       ],
       opts.logDir,
     );

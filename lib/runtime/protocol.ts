@@ -35,6 +35,8 @@ export interface WorkerInit {
   maxSequenceLength: number;
   cacheDir?: string;
   threads?: number;
+  /** False: idle ORT pool threads sleep at once instead of spinning (for processes sharing cores). */
+  spin?: boolean;
 }
 
 export interface ReadyInfo {

@@ -25,6 +25,11 @@ export interface StageRuntimeOptions {
   cacheDir?: string;
   /** ORT intra-op threads (default: all cores). */
   threads?: number;
+  /**
+   * Whether idle ORT pool threads spin-wait for work (ORT's default, true). Stages that share cores with other busy
+   * processes should pass false: a spinning thread takes a core another stage could compute on.
+   */
+  spin?: boolean;
   log?: (msg: string) => void;
 }
 
@@ -62,6 +67,7 @@ export class StageRuntime {
       maxSequenceLength: opts.maxSequenceLength,
       cacheDir: opts.cacheDir,
       threads: opts.threads,
+      spin: opts.spin,
     };
     const worker = new Worker(new URL('./stage-worker.js', import.meta.url), { workerData: init });
     const log = opts.log ?? (() => {});

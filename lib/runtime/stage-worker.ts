@@ -29,6 +29,7 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
     intraOpNumThreads: init.threads ?? availableParallelism(),
     interOpNumThreads: 1,
     graphOptimizationLevel: 'all',
+    ...(init.spin === false ? { extra: { session: { intra_op: { allow_spinning: '0' } } } } : {}),
   });
   const executor = new StageExecutor(session, cached.shape, init.maxSequences, init.maxSequenceLength);
   post({

@@ -30,6 +30,8 @@ export interface ShardServerOptions {
   cacheDir?: string;
   /** ORT intra-op threads (default: all cores). */
   threads?: number;
+  /** Whether idle ORT threads spin (default true); see StageRuntimeOptions.spin. */
+  spin?: boolean;
   log: Logger;
   drainTimeoutMs?: number;
   handleSignals?: boolean;
@@ -80,6 +82,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     maxSequenceLength: capacity.slotTokens,
     cacheDir: opts.cacheDir,
     threads: opts.threads,
+    spin: opts.spin,
     log: (msg) => log.info('stage', { detail: msg }),
   });
   log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
