@@ -12,6 +12,14 @@
 // the cache entries (GetModelInfo and `stats()` report the cache's share). Cancelled or expired sequences are not
 // cached. A later prompt sharing a cached prefix starts with BatchItem.copy_prefix and skips those positions.
 
+import {
+  type ForwardRequest,
+  type ForwardResponse,
+  float32Values,
+  int32Values,
+  type SamplingSide,
+  type StepResult,
+} from '../../lib/rpc/shard-wire.js';
 import type { StreamDetokenizer } from '../../lib/tokenizer/stream.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { KvAllocator } from './kv-allocator.js';
@@ -27,14 +35,6 @@ import {
   schedule,
   type WaitingRequest,
 } from './scheduler.js';
-import {
-  type ForwardRequest,
-  type ForwardResponse,
-  float32Values,
-  int32Values,
-  type SamplingSide,
-  type StepResult,
-} from './shard-wire.js';
 import { StopMatcher } from './stop.js';
 
 export type FinishReason = 'FINISH_REASON_EOS' | 'FINISH_REASON_LENGTH' | 'FINISH_REASON_STOP';

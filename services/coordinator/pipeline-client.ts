@@ -4,7 +4,13 @@
 import type * as grpc from '@grpc/grpc-js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
-import { type ForwardRequest, type ForwardResponse, SHARD_PROTO, SHARD_SERVICE, type ShardInfo } from './shard-wire.js';
+import {
+  type ForwardRequest,
+  type ForwardResponse,
+  SHARD_PROTO,
+  SHARD_SERVICE,
+  type ShardInfo,
+} from '../../lib/rpc/shard-wire.js';
 import { checkTopology, type PipelineShape, type StageDescription, TopologyError } from './topology.js';
 
 export interface PipelineEvents {

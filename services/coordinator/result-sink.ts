@@ -4,7 +4,7 @@ import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { serviceDefinition } from '../../lib/rpc/proto.js';
 import type { ServiceBinding } from '../../lib/rpc/serve.js';
-import { RESULT_SINK_SERVICE, SHARD_PROTO, type StepResult } from './shard-wire.js';
+import { RESULT_SINK_SERVICE, SHARD_PROTO, type StepResult } from '../../lib/rpc/shard-wire.js';
 
 export function resultSinkBinding(onResult: (r: StepResult) => void, log: Logger): ServiceBinding {
   const implementation: grpc.UntypedServiceImplementation = {

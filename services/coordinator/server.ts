@@ -13,6 +13,7 @@ import { HEALTH_PROTO } from '../../lib/rpc/health.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { protoRoot } from '../../lib/rpc/proto.js';
 import { type RunningServer, type ServiceBinding, serve } from '../../lib/rpc/serve.js';
+import type { ForwardResponse } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { Engine, type EngineEvent } from './engine.js';
@@ -28,7 +29,6 @@ import {
   validateGenerateRequest,
 } from './request-validation.js';
 import { resultSinkBinding } from './result-sink.js';
-import type { ForwardResponse } from './shard-wire.js';
 import type { PipelineShape, StageDescription } from './topology.js';
 import { VqClient } from './vq-client.js';
 

@@ -4,15 +4,15 @@ import type * as grpc from '@grpc/grpc-js';
 import { createClient } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import {
+  type ForwardResponse,
   RESULT_SINK_SERVICE,
+  type ReceivedForwardRequest,
   SHARD_PROTO,
   SHARD_SERVICE,
-  type WireForwardRequest,
-  type WireForwardResponse,
-  type WireStepResult,
-} from './wire.js';
+  type StepResult,
+} from '../../lib/rpc/shard-wire.js';
 
-type ForwardCall = grpc.ClientDuplexStream<WireForwardRequest, WireForwardResponse>;
+type ForwardCall = grpc.ClientDuplexStream<ReceivedForwardRequest, ForwardResponse>;
 
 /** Micro-batches sent on the current stream and not yet acknowledged, so a break can be reported for each. */
 interface Unacked {
@@ -34,7 +34,7 @@ export class NextHop {
     this.client = createClient(SHARD_PROTO, SHARD_SERVICE, address);
   }
 
-  send(request: WireForwardRequest): void {
+  send(request: ReceivedForwardRequest): void {
     const stream = this.stream ?? this.open();
     this.unacked.push({ microBatchId: request.batch?.micro_batch_id ?? 0, replyTo: request.batch?.reply_to ?? '' });
     stream.write(request);
@@ -60,7 +60,7 @@ export class NextHop {
       this.log.warn('next-stage stream broken', { next: this.address, why, unacked: lost.length });
       for (const u of lost) if (u.microBatchId !== 0 || u.replyTo) this.onLost(u, why);
     };
-    stream.on('data', (ack: WireForwardResponse) => {
+    stream.on('data', (ack: ForwardResponse) => {
       const sent = this.unacked.shift();
       // The next stage reports its own errors to the ResultSink itself; here they are only logged.
       if (ack.error)
@@ -74,7 +74,7 @@ export class NextHop {
 
 interface Sink {
   client: grpc.Client;
-  call: grpc.ClientWritableStream<WireStepResult>;
+  call: grpc.ClientWritableStream<StepResult>;
 }
 
 export class ResultSinks {
@@ -82,7 +82,7 @@ export class ResultSinks {
 
   constructor(private readonly log: Logger) {}
 
-  deliver(address: string, result: WireStepResult): void {
+  deliver(address: string, result: StepResult): void {
     let sink = this.sinks.get(address);
     if (!sink) {
       sink = this.open(address);
@@ -101,7 +101,7 @@ export class ResultSinks {
 
   private open(address: string): Sink {
     const client = createClient(SHARD_PROTO, RESULT_SINK_SERVICE, address);
-    type Deliver = (cb: (err: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<WireStepResult>;
+    type Deliver = (cb: (err: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<StepResult>;
     let sink: Sink | undefined;
     const call = (client as unknown as { Deliver: Deliver }).Deliver((err) => {
       // The stream ended: the next result opens a new one.

@@ -10,21 +10,21 @@ import { bidi, implement, unary } from '../../lib/rpc/handlers.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { serviceDefinition } from '../../lib/rpc/proto.js';
 import type { ServiceBinding } from '../../lib/rpc/serve.js';
+import {
+  bytesOf,
+  type ForwardResponse,
+  type KvCommand,
+  type MicroBatch,
+  type ReceivedForwardRequest,
+  type SequenceResult,
+  SHARD_PROTO,
+  SHARD_SERVICE,
+} from '../../lib/rpc/shard-wire.js';
 import type { ForwardOutput, StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import type { KvCapacity } from './capacity.js';
 import { KvLedger, ShardRequestError } from './kv-ledger.js';
 import type { NextHop, ResultSinks } from './links.js';
 import { type BatchPlan, checkKvCommand, planBatch, type StageLimits } from './validate.js';
-import {
-  bytesOf,
-  SHARD_PROTO,
-  SHARD_SERVICE,
-  type WireForwardRequest,
-  type WireForwardResponse,
-  type WireKvCommand,
-  type WireMicroBatch,
-  type WireSequenceResult,
-} from './wire.js';
 
 export interface ShardDescription {
   precision: string;
@@ -79,7 +79,7 @@ export class ShardService {
       },
       {
         Info: unary(async () => this.info()),
-        Forward: bidi<WireForwardRequest, WireForwardResponse>(async (requests, send, ctx) => {
+        Forward: bidi<ReceivedForwardRequest, ForwardResponse>(async (requests, send, ctx) => {
           const drained = new Promise<'drain'>((resolve) => {
             const wake = () => resolve('drain');
             if (this.draining) wake();
@@ -152,14 +152,14 @@ export class ShardService {
     };
   }
 
-  private async handle(request: WireForwardRequest, receivedAt: number): Promise<WireForwardResponse> {
+  private async handle(request: ReceivedForwardRequest, receivedAt: number): Promise<ForwardResponse> {
     const queueMs = performance.now() - receivedAt;
     if (request.batch) return this.runBatch(request.batch, queueMs);
     if (request.kv) return this.runKv(request.kv, queueMs);
     return { micro_batch_id: 0, error: 'ForwardRequest has neither batch nor kv', compute_ms: 0, queue_ms: queueMs };
   }
 
-  private async runKv(cmd: WireKvCommand, queueMs: number): Promise<WireForwardResponse> {
+  private async runKv(cmd: KvCommand, queueMs: number): Promise<ForwardResponse> {
     const started = performance.now();
     let error = '';
     try {
@@ -181,7 +181,7 @@ export class ShardService {
     return { micro_batch_id: 0, error, compute_ms: performance.now() - started, queue_ms: queueMs };
   }
 
-  private async runBatch(batch: WireMicroBatch, queueMs: number): Promise<WireForwardResponse> {
+  private async runBatch(batch: MicroBatch, queueMs: number): Promise<ForwardResponse> {
     const id = batch.micro_batch_id;
     const started = performance.now();
     let plan: BatchPlan;
@@ -223,7 +223,7 @@ export class ShardService {
         },
       });
     } else if ('topIds' in output) {
-      const results: WireSequenceResult[] = plan.sampled.map((s) => {
+      const results: SequenceResult[] = plan.sampled.map((s) => {
         const full = output.fullRows[s.index];
         if (s.fullRow && full)
           return {

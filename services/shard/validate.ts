@@ -1,9 +1,9 @@
 // Checks a ForwardRequest against this stage and its KV ledger and turns it into what the runtime runs. Pure: it
 // works on a copy of the ledger, so a refused request changes nothing, and every message names the field and limit.
 import { NEUTRAL_ROW, type SamplingRow } from '../../lib/onnx/sampling-head.js';
+import { float32Of, type KvCommand, type MicroBatch, type SamplingSide } from '../../lib/rpc/shard-wire.js';
 import type { ForwardInput, ForwardItem } from '../../lib/runtime/stage-runtime.js';
 import { type KvLedger, ShardRequestError } from './kv-ledger.js';
-import { float32Of, type WireKvCommand, type WireMicroBatch, type WireSamplingSide } from './wire.js';
 
 export interface StageLimits {
   isFirst: boolean;
@@ -28,7 +28,7 @@ export interface BatchPlan {
 }
 
 /** Checks `batch`; the ledger is not changed. */
-export function planBatch(batch: WireMicroBatch, stage: StageLimits, ledger: KvLedger): BatchPlan {
+export function planBatch(batch: MicroBatch, stage: StageLimits, ledger: KvLedger): BatchPlan {
   const items = batch.items ?? [];
   if (items.length === 0) throw new ShardRequestError('items is empty (a micro-batch needs at least one item)');
   if (items.length > ledger.slots)
@@ -74,7 +74,7 @@ export function planBatch(batch: WireMicroBatch, stage: StageLimits, ledger: KvL
   return { copies, items: planned, input, ...samplingPlan(batch, stage) };
 }
 
-function tokenInput(batch: WireMicroBatch, tokens: number, stage: StageLimits): ForwardInput {
+function tokenInput(batch: MicroBatch, tokens: number, stage: StageLimits): ForwardInput {
   const ids = batch.token_ids ?? [];
   if (ids.length !== tokens)
     throw new ShardRequestError(`token_ids has ${ids.length} ids but the items' token_count add up to ${tokens}`);
@@ -88,7 +88,7 @@ function tokenInput(batch: WireMicroBatch, tokens: number, stage: StageLimits): 
   return { tokens: out };
 }
 
-function hiddenInput(batch: WireMicroBatch, tokens: number, stage: StageLimits): ForwardInput {
+function hiddenInput(batch: MicroBatch, tokens: number, stage: StageLimits): ForwardInput {
   const t = batch.hidden_states;
   const D = stage.hiddenSize;
   if (!t || !t.data || t.data.length === 0)
@@ -106,7 +106,7 @@ function hiddenInput(batch: WireMicroBatch, tokens: number, stage: StageLimits):
   return { hidden: float32Of(t.data) };
 }
 
-function samplingPlan(batch: WireMicroBatch, stage: StageLimits): Pick<BatchPlan, 'sampling' | 'sampled'> {
+function samplingPlan(batch: MicroBatch, stage: StageLimits): Pick<BatchPlan, 'sampling' | 'sampled'> {
   if (!batch.reply_to) throw new ShardRequestError('reply_to is empty (the last stage needs a ResultSink address)');
   const sides = batch.sampling ?? [];
   const sampling: SamplingRow[] = [];
@@ -136,7 +136,7 @@ function samplingPlan(batch: WireMicroBatch, stage: StageLimits): Pick<BatchPlan
   return { sampling, sampled };
 }
 
-function samplingRow(side: WireSamplingSide, what: string, stage: StageLimits): SamplingRow {
+function samplingRow(side: SamplingSide, what: string, stage: StageLimits): SamplingRow {
   if (side.mask === 'MASK_KIND_IMAGE_LAYOUT')
     throw new ShardRequestError(`${what}.mask MASK_KIND_IMAGE_LAYOUT is not supported yet`);
   const text = side.mask === 'MASK_KIND_TEXT';
@@ -168,7 +168,7 @@ function samplingRow(side: WireSamplingSide, what: string, stage: StageLimits): 
 }
 
 /** Checks a KvCommand (copies in order, then frees); the ledger is not changed. */
-export function checkKvCommand(cmd: WireKvCommand, ledger: KvLedger): void {
+export function checkKvCommand(cmd: KvCommand, ledger: KvLedger): void {
   const sim = ledger.clone();
   (cmd.copies ?? []).forEach((c, i) => {
     sim.copy(c.from_slot, c.to_slot, c.length, `kv.copies[${i}]`);

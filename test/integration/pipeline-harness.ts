@@ -13,9 +13,9 @@ import { binPath, type RunningSystem, startSystem } from '../../cli/system.js';
 import { loadEmu3Config } from '../../lib/model/config.js';
 import { writeTinyEmu3 } from '../../lib/model/tiny.js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
+import { SHARD_PROTO, SHARD_SERVICE, type ShardInfo } from '../../lib/rpc/shard-wire.js';
 import { writeTokenizerFiles } from '../../lib/tokenizer/files.js';
 import { writeTinyVq } from '../../lib/vq/tiny.js';
-import { SHARD_PROTO, SHARD_SERVICE, type ShardInfo } from '../../services/coordinator/shard-wire.js';
 
 export interface Harness {
   work: string;

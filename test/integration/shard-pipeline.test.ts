@@ -15,19 +15,19 @@ import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import { createLogger } from '../../lib/rpc/log.js';
 import { protoRoot, serviceDefinition } from '../../lib/rpc/proto.js';
 import { type RunningServer, serve } from '../../lib/rpc/serve.js';
-import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
-import { type LastStageParams, processLastStageRow } from '../../services/coordinator/logits.js';
 import {
+  type ForwardResponse,
+  type MicroBatch,
   RESULT_SINK_SERVICE,
+  type ReceivedForwardRequest,
+  type SamplingSide,
   SHARD_PROTO,
   SHARD_SERVICE,
-  type WireForwardRequest,
-  type WireForwardResponse,
-  type WireMicroBatch,
-  type WireSamplingSide,
-  type WireStepResult,
-  type WireTensor,
-} from '../../services/shard/wire.js';
+  type StepResult,
+  type Tensor,
+} from '../../lib/rpc/shard-wire.js';
+import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { type LastStageParams, processLastStageRow } from '../../services/coordinator/logits.js';
 
 const root = dirname(protoRoot());
 const work = mkdtempSync(join(tmpdir(), 'emu3-shard-it-'));
@@ -45,13 +45,13 @@ interface Shard {
 
 const shards: Shard[] = [];
 let sink: RunningServer;
-const results = new Map<number, WireStepResult>();
-const waiters = new Map<number, (r: WireStepResult) => void>();
+const results = new Map<number, StepResult>();
+const waiters = new Map<number, (r: StepResult) => void>();
 let stage0: grpc.Client;
 let stage1: grpc.Client;
-let forward: grpc.ClientDuplexStream<WireForwardRequest, WireForwardResponse>;
-const acks: WireForwardResponse[] = [];
-const ackWaiters: ((a: WireForwardResponse) => void)[] = [];
+let forward: grpc.ClientDuplexStream<ReceivedForwardRequest, ForwardResponse>;
+const acks: ForwardResponse[] = [];
+const ackWaiters: ((a: ForwardResponse) => void)[] = [];
 let reference: StageRuntime;
 let nextBatchId = 1;
 
@@ -81,9 +81,9 @@ function startShard(layers: string, next?: string): Promise<Shard> {
 
 function resultSink(): grpc.UntypedServiceImplementation {
   return {
-    Deliver: (call: grpc.ServerReadableStream<WireStepResult, unknown>, done: grpc.sendUnaryData<unknown>) => {
+    Deliver: (call: grpc.ServerReadableStream<StepResult, unknown>, done: grpc.sendUnaryData<unknown>) => {
       let received = 0;
-      call.on('data', (r: WireStepResult) => {
+      call.on('data', (r: StepResult) => {
         received++;
         results.set(r.micro_batch_id, r);
         waiters.get(r.micro_batch_id)?.(r);
@@ -94,7 +94,7 @@ function resultSink(): grpc.UntypedServiceImplementation {
   };
 }
 
-function stepResult(id: number): Promise<WireStepResult> {
+function stepResult(id: number): Promise<StepResult> {
   const have = results.get(id);
   if (have) return Promise.resolve(have);
   return new Promise((resolve, reject) => {
@@ -106,7 +106,7 @@ function stepResult(id: number): Promise<WireStepResult> {
   });
 }
 
-function nextAck(): Promise<WireForwardResponse> {
+function nextAck(): Promise<ForwardResponse> {
   const have = acks.shift();
   if (have) return Promise.resolve(have);
   return new Promise((resolve) => ackWaiters.push(resolve));
@@ -117,14 +117,14 @@ interface Item {
   slot: number;
   start: number;
   tokens: number[];
-  sample?: WireSamplingSide;
+  sample?: SamplingSide;
   copyFrom?: number;
 }
 
 /** Sends one micro-batch to stage 0; resolves with stage 0's ack and the last stage's StepResult. */
-async function run(items: Item[], patch: Partial<WireMicroBatch> = {}) {
+async function run(items: Item[], patch: Partial<MicroBatch> = {}) {
   const id = nextBatchId++;
-  const batch: WireMicroBatch = {
+  const batch: MicroBatch = {
     micro_batch_id: id,
     items: items.map((it) => ({
       sequence_id: it.seq,
@@ -146,7 +146,7 @@ async function run(items: Item[], patch: Partial<WireMicroBatch> = {}) {
   return { ack, result };
 }
 
-function side(seq: number, over: Partial<WireSamplingSide> = {}): WireSamplingSide {
+function side(seq: number, over: Partial<SamplingSide> = {}): SamplingSide {
   return {
     sequence_id: seq,
     mask: 'MASK_KIND_UNSPECIFIED',
@@ -159,7 +159,7 @@ function side(seq: number, over: Partial<WireSamplingSide> = {}): WireSamplingSi
   };
 }
 
-function values(t: WireTensor | null, kind: 'int32' | 'float32'): number[] {
+function values(t: Tensor | null, kind: 'int32' | 'float32'): number[] {
   assert.ok(t && t.data.length > 0, 'tensor present');
   const n = t.data.length / 4;
   return Array.from({ length: n }, (_, i) =>
@@ -167,7 +167,7 @@ function values(t: WireTensor | null, kind: 'int32' | 'float32'): number[] {
   );
 }
 
-function params(s: WireSamplingSide, visual: { begin: number; end: number }): LastStageParams {
+function params(s: SamplingSide, visual: { begin: number; end: number }): LastStageParams {
   return {
     mask: s.mask === 'MASK_KIND_TEXT' ? { kind: 'exclude', start: visual.begin, end: visual.end } : { kind: 'none' },
     temperature: s.temperature,
@@ -208,7 +208,7 @@ before(async () => {
   stage0 = createClient(SHARD_PROTO, SHARD_SERVICE, shards[0].address);
   stage1 = createClient(SHARD_PROTO, SHARD_SERVICE, shards[1].address);
   forward = (stage0 as unknown as { Forward(): typeof forward }).Forward();
-  forward.on('data', (a: WireForwardResponse) => {
+  forward.on('data', (a: ForwardResponse) => {
     const w = ackWaiters.shift();
     if (w) w(a);
     else acks.push(a);
@@ -287,7 +287,7 @@ test('prefill chunks + decodes of several sequences: greedy = emu3 logits --step
   const history = prompts.map((p) => [...p]);
   const generated: number[][] = [[], [], []];
   const refStart = [0, 0, 0];
-  const check = async (seqIndex: number, r: WireStepResult, s: WireSamplingSide, fed: number[]) => {
+  const check = async (seqIndex: number, r: StepResult, s: SamplingSide, fed: number[]) => {
     const logits = await referenceLogits(seqIndex, refStart[seqIndex], fed);
     refStart[seqIndex] += fed.length;
     const got = r.results.find((x) => x.sequence_id === s.sequence_id);
@@ -340,9 +340,9 @@ test('prefill chunks + decodes of several sequences: greedy = emu3 logits --step
     const fed: number[][] = [];
     if (step > 0) history[0].push(generated[0][step - 1]);
     fed[0] = step === 0 ? prompts[0].slice(8) : [generated[0][step - 1]];
-    const s = [sides[0](history[0]), null, null] as (WireSamplingSide | null)[];
+    const s = [sides[0](history[0]), null, null] as (SamplingSide | null)[];
     const items: Item[] = [
-      { seq: 10, slot: 0, start: history[0].length - fed[0].length, tokens: fed[0], sample: s[0] as WireSamplingSide },
+      { seq: 10, slot: 0, start: history[0].length - fed[0].length, tokens: fed[0], sample: s[0] as SamplingSide },
     ];
     for (const k of [1, 2]) {
       if (generated[k].length >= STEPS) continue;
@@ -355,14 +355,14 @@ test('prefill chunks + decodes of several sequences: greedy = emu3 logits --step
         slot: k,
         start: history[k].length - 1,
         tokens: [last],
-        sample: s[k] as WireSamplingSide,
+        sample: s[k] as SamplingSide,
       });
     }
     ({ ack, result } = await run(items));
     assert.equal(ack.error, '');
     assert.equal(result.error, '');
-    generated[0].push(await check(0, result, s[0] as WireSamplingSide, fed[0]));
-    for (const k of [1, 2]) if (s[k]) generated[k].push(await check(k, result, s[k] as WireSamplingSide, fed[k]));
+    generated[0].push(await check(0, result, s[0] as SamplingSide, fed[0]));
+    for (const k of [1, 2]) if (s[k]) generated[k].push(await check(k, result, s[k] as SamplingSide, fed[k]));
   }
   const truth = await truthGreedy;
   assert.deepEqual(generated[0], truth[0], 'sequence 0 (greedy, chunked prefill) = emu3 logits --steps');
@@ -399,7 +399,7 @@ function argmax(row: number[]): number {
 }
 
 test('bad micro-batches and KV commands get errors naming the problem; the stream and the next good one work', async () => {
-  const bad: [Item[], Partial<WireMicroBatch>, RegExp][] = [
+  const bad: [Item[], Partial<MicroBatch>, RegExp][] = [
     [
       [{ seq: 20, slot: 99, start: 0, tokens: [1, 2] }],
       {},
@@ -441,7 +441,7 @@ test('bad micro-batches and KV commands get errors naming the problem; the strea
     assert.match(result.error, message, 'the coordinator hears of it on its ResultSink too');
   }
   // Errors only the last stage can see: stage 0 runs the batch, the last stage refuses it.
-  const lastOnly: [WireSamplingSide, RegExp][] = [
+  const lastOnly: [SamplingSide, RegExp][] = [
     [side(21, { top_k: 0 }), /sampling\[0\] \(sequence 21\)\.top_k 0 must be in \[1, 4096\] \(max_top_k\)/],
     [side(99), /sampling\[0\]\.sequence_id 99 does not match items\[0\]\.sequence_id 21/],
     [side(21, { mask: 'MASK_KIND_IMAGE_LAYOUT' }), /MASK_KIND_IMAGE_LAYOUT is not supported yet/],
@@ -455,7 +455,7 @@ test('bad micro-batches and KV commands get errors naming the problem; the strea
   }
   // A hidden-size mismatch, sent straight to the last stage on its own stream.
   const direct = (stage1 as unknown as { Forward(): typeof forward }).Forward();
-  const directAck = new Promise<WireForwardResponse>((resolve) => direct.once('data', resolve));
+  const directAck = new Promise<ForwardResponse>((resolve) => direct.once('data', resolve));
   direct.write({
     batch: {
       micro_batch_id: 900,

@@ -5,18 +5,12 @@
 // pipeline of stages.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import type { ForwardRequest, KvCommand, MicroBatch, StepResult, Tensor } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { Engine, type EngineEvent, type GenerateJob } from '../../services/coordinator/engine.js';
 import { ResourceExhaustedError } from '../../services/coordinator/errors.js';
 import { chatDefaults, type ValidSampling } from '../../services/coordinator/request-validation.js';
-import type {
-  ForwardRequest,
-  KvCommand,
-  MicroBatch,
-  StepResult,
-  Tensor,
-} from '../../services/coordinator/shard-wire.js';
 import { makeTokenizerDir, removeDir } from './tokenizer-fixture.js';
 
 let dir: string;

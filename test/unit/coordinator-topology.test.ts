@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { splitLayers } from '../../cli/system.js';
-import type { ShardInfo } from '../../services/coordinator/shard-wire.js';
+import type { ShardInfo } from '../../lib/rpc/shard-wire.js';
 import { checkTopology, TopologyError } from '../../services/coordinator/topology.js';
 
 function info(begin: number, end: number, over: Partial<ShardInfo> = {}): ShardInfo {

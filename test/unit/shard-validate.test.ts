@@ -2,10 +2,10 @@
 // into runtime work (or an error naming the field and the limit) without changing the ledger.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import type { BatchItem, MicroBatch, SamplingSide } from '../../lib/rpc/shard-wire.js';
 import { kvCapacity } from '../../services/shard/capacity.js';
 import { KvLedger, ShardRequestError } from '../../services/shard/kv-ledger.js';
 import { checkKvCommand, planBatch, type StageLimits } from '../../services/shard/validate.js';
-import type { WireBatchItem, WireMicroBatch, WireSamplingSide } from '../../services/shard/wire.js';
 
 const first: StageLimits = {
   isFirst: true,
@@ -18,11 +18,11 @@ const first: StageLimits = {
 };
 const last: StageLimits = { ...first, isFirst: false, isLast: true, visualBegin: 800, visualEnd: 1000 };
 
-function item(over: Partial<WireBatchItem>): WireBatchItem {
+function item(over: Partial<BatchItem>): BatchItem {
   return { sequence_id: 1, slot: 0, start_position: 0, token_count: 1, sample: false, copy_prefix: null, ...over };
 }
 
-function batch(items: WireBatchItem[], over: Partial<WireMicroBatch> = {}): WireMicroBatch {
+function batch(items: BatchItem[], over: Partial<MicroBatch> = {}): MicroBatch {
   const tokens = items.reduce((n, it) => n + it.token_count, 0);
   return {
     micro_batch_id: 7,
@@ -35,7 +35,7 @@ function batch(items: WireBatchItem[], over: Partial<WireMicroBatch> = {}): Wire
   };
 }
 
-function side(over: Partial<WireSamplingSide> = {}): WireSamplingSide {
+function side(over: Partial<SamplingSide> = {}): SamplingSide {
   return {
     sequence_id: 1,
     mask: 'MASK_KIND_UNSPECIFIED',
@@ -141,7 +141,7 @@ describe('planBatch', () => {
   test('every refusal names the field and the limit', () => {
     const ledger = new KvLedger(4, 64);
     ledger.write(2, 0, 5);
-    const cases: [WireMicroBatch, RegExp][] = [
+    const cases: [MicroBatch, RegExp][] = [
       [batch([]), /items is empty/],
       [
         batch(Array.from({ length: 5 }, (_, i) => item({ sequence_id: i, slot: i % 4 }))),
@@ -191,7 +191,7 @@ describe('planBatch', () => {
     const mid = { ...first, isFirst: false };
     const ok = planBatch(batch([item({ token_count: 2 })], { token_ids: [], hidden_states: hidden(2) }), mid, ledger);
     assert.ok('hidden' in ok.input && ok.input.hidden.length === 8);
-    const bad: [Partial<WireMicroBatch>, RegExp][] = [
+    const bad: [Partial<MicroBatch>, RegExp][] = [
       [{ hidden_states: null }, /hidden_states is missing/],
       [
         { hidden_states: { ...hidden(2), dtype: 'DTYPE_FLOAT16' } },
@@ -257,9 +257,9 @@ describe('planBatch', () => {
 
   test('last stage refusals: sampling entries that do not line up, bad values, no reply_to', () => {
     const ledger = new KvLedger(4, 64);
-    const one = (s: WireSamplingSide[], over: Partial<WireMicroBatch> = {}) =>
+    const one = (s: SamplingSide[], over: Partial<MicroBatch> = {}) =>
       batch([item({ sample: true })], { token_ids: [], hidden_states: hidden(1), sampling: s, ...over });
-    const cases: [WireMicroBatch, RegExp][] = [
+    const cases: [MicroBatch, RegExp][] = [
       [one([]), /sampling has 0 entries but more items have sample = true \(items\[0\] is one\)/],
       [one([side(), side()]), /sampling has 2 entries but only 1 items have sample = true/],
       [one([side({ sequence_id: 4 })]), /sampling\[0\]\.sequence_id 4 does not match items\[0\]\.sequence_id 1/],

@@ -1,5 +1,6 @@
 // The messages of proto/emu3/internal/v1/shard.proto as @grpc/proto-loader gives them with lib/rpc's options
-// (keepCase: snake_case fields; longs as numbers; enums as names; bytes as Buffer; defaults filled in).
+// (keepCase: snake_case fields; longs as numbers; enums as names; bytes as Buffer; defaults filled in). Shared by
+// the coordinator (which sends micro-batches and reads results) and the shards (which do the opposite).
 
 export const SHARD_PROTO = 'emu3/internal/v1/shard.proto';
 export const SHARD_SERVICE = 'emu3.internal.v1.Shard';
@@ -64,9 +65,13 @@ export interface MicroBatch {
   micro_batch_id: number;
   items: BatchItem[];
   token_ids: number[];
+  /** Set by stages after the first (the previous stage's output). */
+  hidden_states?: Tensor | null;
   sampling: SamplingSide[];
   reply_to: string;
   traceparent: string;
+  /** Compute ms of the stages so far, each appending its own (for StepResult.stage_compute_ms). */
+  stage_compute_ms?: number[];
 }
 
 export interface KvCopyTo {
@@ -80,7 +85,15 @@ export interface KvCommand {
   copies: KvCopyTo[];
 }
 
+/** What a sender writes on a Forward stream. */
 export type ForwardRequest = { batch: MicroBatch } | { kv: KvCommand };
+
+/** What a Forward stream's receiver gets (proto-loader fills the oneof's name in `kind`). */
+export interface ReceivedForwardRequest {
+  batch?: MicroBatch | null;
+  kv?: KvCommand | null;
+  kind?: 'batch' | 'kv';
+}
 
 export interface ForwardResponse {
   micro_batch_id: number;
@@ -117,5 +130,17 @@ export function float32Values(t: Tensor, what: string): Float64Array {
   if (t.data.length % 4 !== 0) throw new Error(`${what}: ${t.data.length} bytes is not a whole number of float32`);
   const out = new Float64Array(t.data.length / 4);
   for (let i = 0; i < out.length; i++) out[i] = t.data.readFloatLE(i * 4);
+  return out;
+}
+
+/** Little-endian element bytes of a typed array, without copying. */
+export function bytesOf(a: Float32Array | Int32Array): Buffer {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/** A float32 tensor's values, copied into an aligned array (received bytes need not be 4-byte aligned). */
+export function float32Of(data: Buffer): Float32Array {
+  const out = new Float32Array(data.length / 4);
+  new Uint8Array(out.buffer).set(data);
   return out;
 }
