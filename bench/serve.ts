@@ -3,7 +3,7 @@
 // TTFT and inter-token latency percentiles, each stage's idle fraction (1 − Σ stage compute ms ÷ wall ms, from the
 // coordinator's "engine stats" log lines, which sum StepResult.stage_compute_ms), pipeline efficiency, scaling and the
 // prefix-cache ratio. Writes its section of BENCHMARKS.md.
-//   node dist/bench/serve.js [--dir DIR] [--new-tokens N] [--no-write]
+//   node dist/bench/serve.js [--dir DIR] [--new-tokens N] [--rounds N] [--no-write]
 import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism, homedir, loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -15,7 +15,7 @@ import { writeTinyEmu3 } from '../lib/model/tiny.js';
 import { writeTokenizerFiles } from '../lib/tokenizer/files.js';
 import { writeTinyVq } from '../lib/vq/tiny.js';
 import { picture } from '../test/integration/pipeline-harness.js';
-import { writeBenchSection } from './report.js';
+import { median, writeBenchSection } from './report.js';
 
 const args = process.argv.slice(2);
 const arg = (name: string, def: string) => {
@@ -24,6 +24,7 @@ const arg = (name: string, def: string) => {
 };
 const dir = arg('dir', join(process.env.EMU3_CACHE_DIR ?? join(homedir(), '.cache', 'emu3-serve'), 'bench-small'));
 const newTokens = Number(arg('new-tokens', '32'));
+const rounds = Number(arg('rounds', '3'));
 
 interface Run {
   ttft: number;
@@ -100,17 +101,32 @@ async function measure(stages: number, logDir: string) {
         oneStream(client, { ...req(900 + i), sampling: { maxNewTokens: 16, ignoreEos: true } }),
       ),
     );
+    // Several rounds of the sweep on the same system: tokens/s and idle are medians over rounds, latency
+    // percentiles are over all streams of all rounds.
+    const samples: Record<number, { tps: number[]; runs: Run[]; idle: number[][] }> = {};
+    for (let round = 0; round < rounds; round++) {
+      for (const c of [1, 8, 32]) {
+        await new Promise((r) => setTimeout(r, 1200));
+        const before = stageCompute(join(logDir, 'coordinator.log'));
+        const t0 = performance.now();
+        const runs = await Promise.all(Array.from({ length: c }, (_, i) => oneStream(client, req(c * 100 + i))));
+        const wall = performance.now() - t0;
+        await new Promise((r) => setTimeout(r, 1200));
+        const after = stageCompute(join(logDir, 'coordinator.log'));
+        const tokens = runs.reduce((n, r) => n + r.tokens, 0);
+        const sample = (samples[c] ??= { tps: [], runs: [], idle: [] });
+        sample.tps.push(tokens / (wall / 1000));
+        sample.runs.push(...runs);
+        sample.idle.push(after.ms.map((ms, k) => 1 - (ms - (before.ms[k] ?? 0)) / wall));
+        console.error(
+          `  ${stages} stage(s), round ${round + 1}, concurrency ${c}: ${sample.tps.at(-1)?.toFixed(1)} tokens/s`,
+        );
+      }
+    }
     for (const c of [1, 8, 32]) {
-      await new Promise((r) => setTimeout(r, 1200));
-      const before = stageCompute(join(logDir, 'coordinator.log'));
-      const t0 = performance.now();
-      const runs = await Promise.all(Array.from({ length: c }, (_, i) => oneStream(client, req(c * 100 + i))));
-      const wall = performance.now() - t0;
-      await new Promise((r) => setTimeout(r, 1200));
-      const after = stageCompute(join(logDir, 'coordinator.log'));
-      const tokens = runs.reduce((n, r) => n + r.tokens, 0);
+      const { tps, runs, idle } = samples[c];
       rows[c] = {
-        tps: tokens / (wall / 1000),
+        tps: median(tps),
         ttft50: pct(
           runs.map((r) => r.ttft),
           50,
@@ -127,9 +143,8 @@ async function measure(stages: number, logDir: string) {
           runs.flatMap((r) => r.itl),
           99,
         ),
-        idle: after.ms.map((ms, i) => 1 - (ms - (before.ms[i] ?? 0)) / wall),
+        idle: idle[0].map((_, k) => median(idle.map((x) => x[k]))),
       };
-      console.error(`  ${stages} stage(s), concurrency ${c}: ${rows[c].tps.toFixed(1)} tokens/s`);
     }
     let cacheRatio = Number.NaN;
     if (stages === 2) {
@@ -179,7 +194,8 @@ async function main(): Promise<void> {
       `c=8 ${f(two.rows[8].tps / one.rows[8].tps, 2)} (target ≥ 1.0), c=32 ${f(two.rows[32].tps / one.rows[32].tps, 2)}.`,
     `Aggregate scaling (2 shards, tokens/s at 32 ÷ at 1): ${f(two.rows[32].tps / two.rows[1].tps, 2)} (target ≥ 10).`,
     `Prefix cache (TTFT of a repeated 256×256 image + prompt ÷ the first): ${f(two.cacheRatio, 3)} (target ≤ 0.1).`,
-    `${newTokens} new tokens per request (ignore_eos), greedy, slots of 1280 positions. Warm-up before timing: one ` +
+    `${newTokens} new tokens per request (ignore_eos), greedy, slots of 1280 positions. tokens/s and idle: medians of ` +
+      `${rounds} rounds on the same processes; latency percentiles over all rounds. Warm-up before timing: one ` +
       'request, then 32 at once (16 tokens each). As `emu3 up` runs them, the co-located shards each get all ' +
       `${availableParallelism()} cores with idle ORT threads not spinning, and the coordinator keeps one micro-batch in ` +
       'flight (cli/system.ts); the single stage gets all cores (spinning). Load average at the end ' +
@@ -194,7 +210,7 @@ function writeSection(text: string): void {
   writeBenchSection(
     'Serving',
     [
-      'Command: `npm run bench:serve` (builds, then `node dist/bench/serve.js [--dir DIR] [--new-tokens N]`). Starts vq,',
+      'Command: `npm run bench:serve` (builds, then `node dist/bench/serve.js [--dir DIR] [--new-tokens N] [--rounds N]`). Starts vq,',
       'the shards and the coordinator as processes (as `emu3 up` does) on the `small` preset (generated once into',
       '`$EMU3_CACHE_DIR/bench-small`), first as a 2-shard pipeline, then as one stage serving all 12 layers, and streams',
       'text requests at concurrency 1, 8 and 32. Idle fraction = 1 − (Σ StepResult.stage_compute_ms ÷ wall time).',
