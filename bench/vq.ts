@@ -162,8 +162,8 @@ async function main(): Promise<void> {
   // Build the VQs and their graphs first, so the cases measure serving, not building.
   for (const preset of ['tiny', 'small'] as const) {
     const w = VqWeights.open(vqDir(preset));
-    encoderGraphPath(w, defaultCacheDir(), console.log);
-    decoderGraphPath(w, defaultCacheDir(), console.log);
+    encoderGraphPath(w, defaultCacheDir(w.dir), console.log);
+    decoderGraphPath(w, defaultCacheDir(w.dir), console.log);
     w.close();
   }
   const results: CaseResult[] = [];

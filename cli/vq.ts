@@ -45,7 +45,9 @@ const spec: CommandSpec = {
     },
     workers: { help: 'codec workers (ORT worker threads), each running one request at a time', default: '1' },
     threads: { help: 'ORT threads per worker (default: the cores divided among the workers)' },
-    'cache-dir': { help: 'where built ONNX graphs are cached (default: $EMU3_CACHE_DIR or <tmpdir>/emu3-graph-cache)' },
+    'cache-dir': {
+      help: 'where built ONNX graphs are cached (default: $EMU3_CACHE_DIR, else <vq dir>/.emu3-cache if writable, else ~/.cache/emu3-serve)',
+    },
     'max-message-bytes': {
       help: 'largest request message; larger ones get RESOURCE_EXHAUSTED',
       default: String(DEFAULT_MAX_MESSAGE_BYTES),

@@ -12,7 +12,7 @@ export class VqInputError extends Error {
 }
 
 export interface VqCodecOptions {
-  /** Where built graphs are cached (default $EMU3_CACHE_DIR or <tmpdir>/emu3-graph-cache). */
+  /** Where built graphs are cached (default $EMU3_CACHE_DIR, else <vq dir>/.emu3-cache if writable, else ~/.cache/emu3-serve). */
   cacheDir?: string;
   /** ORT intra-op threads per session (0 = ORT's default: all cores). */
   threads?: number;
@@ -63,7 +63,7 @@ export class VqCodec {
   /** Reads DIR/config.json, builds or reuses the cached graphs, and starts the worker's ORT sessions. */
   static async open(vqDir: string, opts: VqCodecOptions = {}): Promise<VqCodec> {
     const config = loadVqConfig(vqDir);
-    const init: WorkerInit = { vqDir, cacheDir: opts.cacheDir ?? defaultCacheDir(), threads: opts.threads ?? 0 };
+    const init: WorkerInit = { vqDir, cacheDir: opts.cacheDir ?? defaultCacheDir(vqDir), threads: opts.threads ?? 0 };
     const worker = new Worker(new URL('./codec-worker.js', import.meta.url), { workerData: init });
     await new Promise<void>((resolve, reject) => {
       const onMessage = (msg: WorkerReply) => {

@@ -2,9 +2,9 @@
 // fingerprint, the graph kind and its input size ("dynamic" here: one graph serves every H×W). Built into a
 // temporary directory and renamed into place, so concurrent builders never see a half-written graph.
 import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { GraphBuilder } from '../onnx/graph.js';
+import { resolveCacheDir } from '../onnx/graph-cache.js';
 import type { VqWeights } from './weights.js';
 
 export type VqGraphKind = 'vq-encoder' | 'vq-decoder';
@@ -12,8 +12,9 @@ export type VqGraphKind = 'vq-encoder' | 'vq-decoder';
 /** Bump when the graphs' structure changes, so stale cached graphs are not reused. */
 const GRAPH_VERSION = 1;
 
-export function defaultCacheDir(): string {
-  return process.env.EMU3_CACHE_DIR ?? join(tmpdir(), 'emu3-graph-cache');
+/** The same rule as the stage graphs': $EMU3_CACHE_DIR, else `<vq dir>/.emu3-cache` if writable, else ~/.cache. */
+export function defaultCacheDir(vqDir: string): string {
+  return resolveCacheDir(vqDir);
 }
 
 /** The .onnx path of the cached graph; builds it first when missing. */
@@ -27,7 +28,10 @@ export function cachedGraph(
   const key = `${kind}-${weights.fingerprint().slice(0, 24)}-dynamic-v${GRAPH_VERSION}`;
   const dir = join(cacheDir, key);
   const onnx = join(dir, `${kind}.onnx`);
-  if (existsSync(onnx)) return onnx;
+  if (existsSync(onnx)) {
+    log?.(`reusing cached ${kind} graph ${dir}`);
+    return onnx;
+  }
   mkdirSync(cacheDir, { recursive: true });
   const tmp = `${dir}.tmp-${process.pid}-${Date.now()}`;
   mkdirSync(tmp);

@@ -23,7 +23,7 @@ export interface VqServerOptions {
   workers?: number;
   /** ORT intra-op threads per codec. Default: the machine's cores shared among the workers. */
   threads?: number;
-  /** Where built graphs are cached. Default $EMU3_CACHE_DIR or <tmpdir>/emu3-graph-cache. */
+  /** Where built graphs are cached. Default: lib/vq/graph-cache.ts defaultCacheDir. */
   cacheDir?: string;
   /** Largest request message, bytes. Default 64 MiB. */
   maxMessageBytes?: number;
