@@ -52,7 +52,7 @@ export const UPSTREAM_DEFAULTS = {
   image_area: 720 * 720,
 } as const;
 
-/** GroupQueryAttention's fused rotary kernel (com.microsoft) needs head_dim % 16 === 0 (DESIGN.md §3). */
+/** ORT's fused rotary kernels (com.microsoft) need head_dim % 16 === 0 (DESIGN.md §3). */
 export const HEAD_DIM_MULTIPLE = 16;
 
 export function parseEmu3Config(json: unknown, source: string): Emu3Config {
@@ -111,7 +111,7 @@ export function parseEmu3Config(json: unknown, source: string): Emu3Config {
   if (headDim % HEAD_DIM_MULTIPLE !== 0) {
     fail(
       `head dim = hidden_size / num_attention_heads = ${hiddenSize}/${numAttentionHeads} = ${headDim} must be a ` +
-        `multiple of ${HEAD_DIM_MULTIPLE} (GroupQueryAttention's fused rotary embedding needs it)`,
+        `multiple of ${HEAD_DIM_MULTIPLE} (ORT's fused rotary embedding kernels need it)`,
     );
   }
 

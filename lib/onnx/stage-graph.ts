@@ -7,8 +7,9 @@
 //   input_ids  int32 [B, S]  (first)        logits     float [B, vocab]  (last: the last position of each row)
 //   hidden_in  float [T, D]  (otherwise)    hidden_out float [T, D]      (otherwise)
 //   position_ids int64 [B, S]               layers.N.new_key / new_value float [B, S, kvHeads·headDim]
-//   seqlens_k int32 [B]   (= total length − 1 per row, as GroupQueryAttention wants)
-//   total_sequence_length int32 []
+//   past_length int64 [1]  P = the longest past among the rows (≥ 1; attention reads arena positions [0, P))
+//   past_mask float [B, 1, 1, P]  0 where position j < that row's past length, −inf elsewhere
+//   causal_mask float [1, 1, G·S, S]  0 where new position j ≤ the query's position s (row g·S + s), −inf elsewhere
 //   layers.N.past_key / past_value float [B, kvHeads, maxLen, headDim]   (the KV arena, read only)
 //
 // The KV arena is owned by JS and fed as an input (ORT wraps inputs without copying); the graph returns only the new
@@ -49,6 +50,8 @@ export interface StageShape {
   isLast: boolean;
   hiddenSize: number;
   vocabSize: number;
+  /** Query heads; heads ÷ kvHeads query heads share each kv head. */
+  heads: number;
   kvHeads: number;
   headDim: number;
   layers: number[];
@@ -60,6 +63,7 @@ export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
     isLast: spec.end === config.numHiddenLayers,
     hiddenSize: config.hiddenSize,
     vocabSize: config.vocabSize,
+    heads: config.numAttentionHeads,
     kvHeads: config.numKeyValueHeads,
     headDim: config.headDim,
     layers: Array.from({ length: spec.end - spec.first }, (_, i) => spec.first + i),
@@ -70,8 +74,9 @@ export const io = {
   inputIds: 'input_ids',
   hiddenIn: 'hidden_in',
   positionIds: 'position_ids',
-  seqlensK: 'seqlens_k',
-  totalLength: 'total_sequence_length',
+  pastLength: 'past_length',
+  pastMask: 'past_mask',
+  causalMask: 'causal_mask',
   hiddenOut: 'hidden_out',
   logits: 'logits',
   pastKey: (layer: number) => `layers.${layer}.past_key`,
@@ -91,6 +96,11 @@ interface Ctx {
   rowsShape: string;
   cos: string;
   sin: string;
+  /** Slice constants. */
+  zero: string;
+  big: string;
+  axis2: string;
+  axis3: string;
 }
 
 /** Validates the layer range against the config; the message names the limit. */
@@ -118,8 +128,9 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
   const tokens = shape.isFirst ? g.input(io.inputIds, 'int32', ['batch', 'seq']) : null;
   const hiddenIn = shape.isFirst ? null : g.input(io.hiddenIn, 'float', ['tokens', c.hiddenSize]);
   const positions = g.input(io.positionIds, 'int64', ['batch', 'seq']);
-  g.input(io.seqlensK, 'int32', ['batch']);
-  g.input(io.totalLength, 'int32', []);
+  g.input(io.pastLength, 'int64', [1]);
+  g.input(io.pastMask, 'float', ['batch', 1, 1, 'past_len']);
+  g.input(io.causalMask, 'float', [1, 1, 'group_rows', 'seq']);
   const rowsShape = g.op(
     'Concat',
     [g.op('Shape', [positions], 'rows_shape.bs'), g.constInt64('minus_one', [-1])],
@@ -127,7 +138,19 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     { axis: 0 },
   );
   const [cos, sin] = rotaryTables(g, c);
-  const ctx: Ctx = { g, ckpt, c, plan: linearPlan(spec.precision), rowsShape, cos, sin };
+  const ctx: Ctx = {
+    g,
+    ckpt,
+    c,
+    plan: linearPlan(spec.precision),
+    rowsShape,
+    cos,
+    sin,
+    zero: g.constInt64('slice.zero', [0]),
+    big: g.constInt64('slice.end', [2 ** 31 - 1]),
+    axis2: g.constInt64('slice.axis2', [2]),
+    axis3: g.constInt64('slice.axis3', [3]),
+  };
 
   let h = tokens ? embed(ctx, tokens) : (hiddenIn as string);
   for (const layer of shape.layers) h = decoderLayer(ctx, layer, h, positions);
@@ -213,16 +236,61 @@ function attention(ctx: Ctx, layer: number, a: string, positions: string): strin
   g.output(kRot, 'float', ['batch', 'seq', kvDim]);
   const vNew = g.op('Identity', [v], io.newValue(layer));
   g.output(vNew, 'float', ['batch', 'seq', kvDim]);
-  const past = (name: string) => g.input(name, 'float', ['batch', c.numKeyValueHeads, 'max_len', c.headDim]);
-  const [attn] = g.node(
-    'GroupQueryAttention',
-    [qRot, kRot, vNew, past(io.pastKey(layer)), past(io.pastValue(layer)), io.seqlensK, io.totalLength],
-    [`${p}.gqa`, `${p}.present_key`, `${p}.present_value`],
-    { num_heads: c.numAttentionHeads, kv_num_heads: c.numKeyValueHeads, do_rotary: 0 },
-    { domain: MS },
+  const attn = attend(ctx, layer, qRot, kRot, vNew);
+  return linear(ctx, `${p}.o`, ctx.ckpt.readLinear(names.o, c.hiddenSize, qDim), c.hiddenSize, qDim, attn);
+}
+
+/**
+ * softmax(q·kᵀ/√d + mask)·v over the arena's first past_length positions and the new ones, kv head j serving query
+ * heads jG..jG+G−1. Written out rather than GroupQueryAttention, which allocates and fills a present buffer as long
+ * as the arena's slots (max_len) on every run: here a step costs the used context (one slice of it), not the
+ * capacity. Query rows are laid out g-major, [B, kvHeads, G·S, d], so each kv head is one batched matmul.
+ */
+function attend(ctx: Ctx, layer: number, q: string, k: string, v: string): string {
+  const { g, c } = ctx;
+  const p = `layers.${layer}.attn`;
+  const KV = c.numKeyValueHeads;
+  const G = c.numAttentionHeads / KV;
+  const d = c.headDim;
+  const shape = (name: string, dims: number[]) => g.constInt64(`${p}.${name}`, dims);
+  // [B, S, H·d] → [B, KV, G·S, d]
+  const q5 = g.op('Reshape', [q, shape('q5_shape', [0, 0, KV, G, d])], `${p}.q5`);
+  const qT = g.op('Transpose', [q5], `${p}.q5t`, { perm: [0, 2, 3, 1, 4] });
+  const q4 = g.op('Reshape', [qT, shape('q4_shape', [0, 0, -1, d])], `${p}.q4`);
+  // new k, v: [B, S, KV·d] → [B, KV, S, d]
+  const heads = (x: string, name: string) =>
+    g.op('Transpose', [g.op('Reshape', [x, shape(`${name}_shape`, [0, 0, KV, d])], `${p}.${name}4`)], `${p}.${name}t`, {
+      perm: [0, 2, 1, 3],
+    });
+  const kNew = heads(k, 'k');
+  const vNew = heads(v, 'v');
+  const arena = (name: string) =>
+    g.op(
+      'Slice',
+      [g.input(name, 'float', ['batch', KV, 'max_len', d]), ctx.zero, io.pastLength, ctx.axis2],
+      `${name}.used`,
+    );
+  const kPast = arena(io.pastKey(layer));
+  const vPast = arena(io.pastValue(layer));
+  const scale = { float: 1 / Math.sqrt(d) };
+  const scores = (x: string, name: string) =>
+    g.op('FusedMatMul', [q4, x], `${p}.${name}`, { alpha: scale, transA: 0, transB: 1 }, MS);
+  const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask], `${p}.scores_past_masked`);
+  const sNew = g.op('Add', [scores(kNew, 'scores_new'), io.causalMask], `${p}.scores_new_masked`);
+  const probs = g.op('Softmax', [g.op('Concat', [sPast, sNew], `${p}.scores`, { axis: 3 })], `${p}.probs`, {
+    axis: -1,
+  });
+  const pPast = g.op('Slice', [probs, ctx.zero, io.pastLength, ctx.axis3], `${p}.probs_past`);
+  const pNew = g.op('Slice', [probs, io.pastLength, ctx.big, ctx.axis3], `${p}.probs_new`);
+  const out = g.op(
+    'Add',
+    [g.op('MatMul', [pPast, vPast], `${p}.out_past`), g.op('MatMul', [pNew, vNew], `${p}.out_new`)],
+    `${p}.out4`,
   );
-  const flat = g.op('Reshape', [attn, g.constInt64(`${p}.flat`, [-1, qDim])], `${p}.out`);
-  return linear(ctx, `${p}.o`, ctx.ckpt.readLinear(names.o, c.hiddenSize, qDim), c.hiddenSize, qDim, flat);
+  // [B, KV, G·S, d] → [B, KV, G, S, d] → [B, S, KV, G, d] → [B·S, H·d]
+  const o5 = g.op('Reshape', [out, shape('o5_shape', [0, 0, G, -1, d])], `${p}.o5`);
+  const oT = g.op('Transpose', [o5], `${p}.o5t`, { perm: [0, 3, 1, 2, 4] });
+  return g.op('Reshape', [oT, shape('out_shape', [-1, c.numAttentionHeads * d])], `${p}.out`);
 }
 
 /** x·cos + rotate_half(x)·sin with positions per token (NOT interleaved). */

@@ -1,6 +1,6 @@
 // Runs one stage's ORT session over a KV arena (inside the worker thread). A call may mix sequences of different
 // lengths (prefill chunks and decodes): items are grouped by new-token count, each group is one session run over
-// contiguous arena rows (GroupQueryAttention takes a shared query length per run), and results are put back in the
+// contiguous arena rows (one query length per run keeps the attention's masks and reshapes simple), and results are put back in the
 // caller's order.
 import ort from 'onnxruntime-node';
 import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
@@ -123,17 +123,19 @@ export class StageExecutor {
       feeds[io.hiddenIn] = new ort.Tensor('float32', hidden, [B * length, D]);
     }
     const positions = new BigInt64Array(B * length);
-    const seqlens = new Int32Array(B);
-    let totalLength = 0;
     members.forEach((i, b) => {
       const { start } = items[i];
       for (let t = 0; t < length; t++) positions[b * length + t] = BigInt(start + t);
-      seqlens[b] = start + length - 1;
-      totalLength = Math.max(totalLength, start + length);
     });
     feeds[io.positionIds] = new ort.Tensor('int64', positions, [B, length]);
-    feeds[io.seqlensK] = new ort.Tensor('int32', seqlens, [B]);
-    feeds[io.totalLength] = new ort.Tensor('int32', Int32Array.of(totalLength), []);
+    for (const [name, t] of Object.entries(
+      attentionFeeds(
+        members.map((i) => items[i].start),
+        length,
+        this.shape.heads / kvHeads,
+      ),
+    ))
+      feeds[name] = t;
     this.shape.layers.forEach((layer, l) => {
       const view = this.arena.view(l, firstRow, B);
       feeds[io.pastKey(layer)] = new ort.Tensor('float32', view.key, [B, kvHeads, L, headDim]);
@@ -231,4 +233,22 @@ function concat(parts: Float32Array[]): Float32Array {
     at += p.length;
   }
   return out;
+}
+
+/** The attention's masks and past length for rows with these past lengths and `length` new tokens each. */
+export function attentionFeeds(starts: number[], length: number, group: number): Record<string, ort.Tensor> {
+  const B = starts.length;
+  const P = Math.max(1, ...starts);
+  const pastMask = new Float32Array(B * P);
+  starts.forEach((start, b) => pastMask.fill(Number.NEGATIVE_INFINITY, b * P + start, (b + 1) * P));
+  const causal = new Float32Array(group * length * length);
+  for (let r = 0; r < group * length; r++) {
+    const s = r % length;
+    causal.fill(Number.NEGATIVE_INFINITY, r * length + s + 1, (r + 1) * length);
+  }
+  return {
+    [io.pastLength]: new ort.Tensor('int64', BigInt64Array.of(BigInt(P)), [1]),
+    [io.pastMask]: new ort.Tensor('float32', pastMask, [B, 1, 1, P]),
+    [io.causalMask]: new ort.Tensor('float32', causal, [1, 1, group * length, length]),
+  };
 }

@@ -164,7 +164,7 @@ describe('parseEmu3Config', () => {
     rejects(
       { ...upstream8b(), hidden_size: 96, num_attention_heads: 4, num_key_value_heads: 2 },
       /hidden_size \/ num_attention_heads = 96\/4 = 24 must be a multiple of 16/,
-      /GroupQueryAttention's fused rotary/,
+      /ORT's fused rotary embedding kernels need it/,
     );
     rejects({ ...upstream8b(), head_dim: 64 }, /head_dim \(64\) must equal hidden_size \/ num_attention_heads \(128\)/);
   });
