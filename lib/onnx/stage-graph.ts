@@ -17,6 +17,7 @@
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
+import { concatFloat32 } from '../util/float32.js';
 import type { GraphBuilder } from './graph.js';
 import { type Int4Scheme, quantizeInt4 } from './int4.js';
 import { addSamplingHead } from './sampling-head.js';
@@ -218,7 +219,7 @@ function attention(ctx: Ctx, layer: number, a: string, positions: string): strin
   const p = `layers.${layer}.attn`;
   const qDim = c.numAttentionHeads * c.headDim;
   const kvDim = c.numKeyValueHeads * c.headDim;
-  const qkvWeight = concatRows([
+  const qkvWeight = concatFloat32([
     ctx.ckpt.readLinear(names.q, qDim, c.hiddenSize),
     ctx.ckpt.readLinear(names.k, kvDim, c.hiddenSize),
     ctx.ckpt.readLinear(names.v, kvDim, c.hiddenSize),
@@ -368,14 +369,4 @@ function rotaryTables(g: GraphBuilder, c: Emu3Config): [string, string] {
     g.weight('rotary.cos', 'float', [positions, half], cos),
     g.weight('rotary.sin', 'float', [positions, half], sin),
   ];
-}
-
-function concatRows(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
 }

@@ -5,6 +5,7 @@
 import ort from 'onnxruntime-node';
 import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
 import { io, type StageShape } from '../onnx/stage-graph.js';
+import { concatFloat32 } from '../util/float32.js';
 import { KvArena } from './kv-arena.js';
 import type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
 
@@ -119,7 +120,7 @@ export class StageExecutor {
       const hidden =
         members.every((m, b) => m === b) && B === items.length
           ? input.hidden
-          : concat(members.map((i) => input.hidden.subarray(offsets[i] * D, (offsets[i] + length) * D)));
+          : concatFloat32(members.map((i) => input.hidden.subarray(offsets[i] * D, (offsets[i] + length) * D)));
       feeds[io.hiddenIn] = new ort.Tensor('float32', hidden, [B * length, D]);
     }
     const positions = new BigInt64Array(B * length);
@@ -223,16 +224,6 @@ export class StageExecutor {
       throw new Error(`${what} ${slot} must be an integer in [0, ${this.maxSequences}) (maxSequences)`);
     }
   }
-}
-
-function concat(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
 }
 
 /** The attention's masks and past length for rows with these past lengths and `length` new tokens each. */
