@@ -11,7 +11,7 @@ import { loadTokenizer } from '../lib/tokenizer/load.js';
 import { SPLIT_PATTERN } from '../lib/tokenizer/pretokenize.js';
 import { Rng } from '../lib/util/rng.js';
 import { tokenizerCorpus } from '../test/unit/tokenizer-corpus.js';
-import { writeBenchSection } from './report.js';
+import { median, writeBenchSection } from './report.js';
 
 function time<T>(fn: () => T): { ms: number; value: T } {
   const t0 = performance.now();
@@ -26,11 +26,6 @@ function best<T>(reps: number, fn: () => T): { ms: number; value: T } {
     if (r.ms < result.ms) result = r;
   }
   return result;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[s.length >> 1];
 }
 
 function sameIds(a: number[], b: number[]): boolean {
