@@ -1,6 +1,7 @@
 // Messages between StageRuntime (main thread) and its worker thread.
 import type { SamplingRow } from '../onnx/sampling-head.js';
-import type { Precision, StageShape } from '../onnx/stage-graph.js';
+import type { StageShape } from '../onnx/stage-graph.js';
+import type { StageRuntimeOptions } from './stage-runtime.js';
 
 export interface ForwardItem {
   /** KV slot of the sequence, in [0, maxSequences). */
@@ -26,18 +27,8 @@ export interface SampledOutput {
   fullRows: (Float32Array | null)[];
 }
 
-export interface WorkerInit {
-  modelDir: string;
-  first: number;
-  end: number;
-  precision: Precision;
-  maxSequences: number;
-  maxSequenceLength: number;
-  cacheDir?: string;
-  threads?: number;
-  /** False: idle ORT pool threads sleep at once instead of spinning (for processes sharing cores). */
-  spin?: boolean;
-}
+/** What the worker is started with: the runtime's options less the log callback (which cannot cross threads). */
+export type WorkerInit = Omit<StageRuntimeOptions, 'log'>;
 
 export interface ReadyInfo {
   shape: StageShape;

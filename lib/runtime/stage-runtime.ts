@@ -58,19 +58,8 @@ export class StageRuntime {
     ] as const) {
       if (!Number.isInteger(v) || v < 1) throw new Error(`StageRuntime: ${name} must be an integer ≥ 1, got ${v}`);
     }
-    const init: WorkerInit = {
-      modelDir: opts.modelDir,
-      first,
-      end,
-      precision: opts.precision,
-      maxSequences: opts.maxSequences,
-      maxSequenceLength: opts.maxSequenceLength,
-      cacheDir: opts.cacheDir,
-      threads: opts.threads,
-      spin: opts.spin,
-    };
-    const worker = new Worker(new URL('./stage-worker.js', import.meta.url), { workerData: init });
-    const log = opts.log ?? (() => {});
+    const { log = () => {}, ...init } = opts;
+    const worker = new Worker(new URL('./stage-worker.js', import.meta.url), { workerData: init satisfies WorkerInit });
     return new Promise((resolve, reject) => {
       const onMessage = (reply: Reply) => {
         if (reply.type === 'log') log(reply.message);

@@ -19,7 +19,7 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
   try {
     cached = ensureStageGraph(
       ckpt,
-      { first: init.first, end: init.end, precision: init.precision },
+      { first: init.layers[0], end: init.layers[1], precision: init.precision },
       { cacheDir: init.cacheDir, log },
     );
   } finally {
