@@ -6,21 +6,9 @@ import * as grpc from '@grpc/grpc-js';
 import type { CodeGrid } from '../../lib/prompt/prompt.js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import { InvalidArgument, ResourceExhausted, Unavailable } from '../../lib/rpc/errors.js';
+import { type EncodeResponse, type InfoResponse, VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
 
-const VQ_PROTO = 'emu3/internal/v1/vq.proto';
-const VQ_SERVICE = 'emu3.internal.v1.VqService';
-
-interface EncodeResponse {
-  h: number;
-  w: number;
-  codes: Buffer;
-}
-
-export interface VqInfo {
-  codebook_size: number;
-  fingerprint: string;
-  max_message_bytes: number;
-}
+export type VqInfo = Pick<InfoResponse, 'codebook_size' | 'fingerprint' | 'max_message_bytes'>;
 
 export class VqClient {
   private readonly client: grpc.Client;

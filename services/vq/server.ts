@@ -4,11 +4,12 @@ import { availableParallelism } from 'node:os';
 import type { Logger } from '../../lib/rpc/log.js';
 import { serviceDefinition } from '../../lib/rpc/proto.js';
 import { DEFAULT_MAX_MESSAGE_BYTES, type RunningServer, serve } from '../../lib/rpc/serve.js';
+import { VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
 import { VqCodec } from '../../lib/vq/codec.js';
 import { DEFAULT_MAX_INPUT_PIXELS } from '../../lib/vq/image-decode.js';
 import { loadVqModelInfo } from './pipeline.js';
 import { WorkerPool } from './pool.js';
-import { VQ_PROTO, VQ_SERVICE, vqServiceImplementation } from './service.js';
+import { vqServiceImplementation } from './service.js';
 
 export interface VqServerOptions {
   vqDir: string;

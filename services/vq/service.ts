@@ -4,50 +4,17 @@ import type * as grpc from '@grpc/grpc-js';
 import { InvalidArgument } from '../../lib/rpc/errors.js';
 import { implement, unary } from '../../lib/rpc/handlers.js';
 import type { Logger } from '../../lib/rpc/log.js';
+import type {
+  DecodeRequest,
+  DecodeResponse,
+  EncodeRequest,
+  EncodeResponse,
+  InfoResponse,
+} from '../../lib/rpc/vq-wire.js';
 import type { VqCodec } from '../../lib/vq/codec.js';
 import { codesFromBytes, codesToBytes } from './codes.js';
 import { checkImage, decodeToPng, encodeImage, mapVqError, type VqModelInfo } from './pipeline.js';
 import type { WorkerPool } from './pool.js';
-
-export const VQ_PROTO = 'emu3/internal/v1/vq.proto';
-export const VQ_SERVICE = 'emu3.internal.v1.VqService';
-
-/** The messages of vq.proto as proto-loader gives them (keepCase, bytes as Buffer, longs as numbers). */
-export interface EncodeRequest {
-  image: Buffer;
-  mime_type: string;
-}
-export interface EncodeResponse {
-  h: number;
-  w: number;
-  codes: Buffer;
-  resized_height: number;
-  resized_width: number;
-  original_height: number;
-  original_width: number;
-}
-export interface DecodeRequest {
-  h: number;
-  w: number;
-  codes: Buffer;
-}
-export interface DecodeResponse {
-  png: Buffer;
-  height: number;
-  width: number;
-}
-export interface InfoResponse {
-  codebook_size: number;
-  spatial_factor: number;
-  min_pixels: number;
-  max_pixels: number;
-  pixel_limit: number;
-  max_codes: number;
-  queue_limit: number;
-  workers: number;
-  fingerprint: string;
-  max_message_bytes: number;
-}
 
 const MAX_MIME_TYPE_LENGTH = 256;
 

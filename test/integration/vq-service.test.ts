@@ -16,32 +16,16 @@ import sharp from 'sharp';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import { HEALTH_PROTO, HEALTH_SERVICE } from '../../lib/rpc/health.js';
 import { protoRoot } from '../../lib/rpc/proto.js';
+import { type DecodeResponse, type EncodeResponse, VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
 import { VqCodec } from '../../lib/vq/codec.js';
 import { postprocessToPng } from '../../lib/vq/postprocess.js';
 import { loadPreprocessorConfig, preprocessImage } from '../../lib/vq/preprocess.js';
 import { writeTinyVq } from '../../lib/vq/tiny.js';
 
-const VQ_PROTO = 'emu3/internal/v1/vq.proto';
-const VQ_SERVICE = 'emu3.internal.v1.VqService';
 const CODEBOOK = 32768; // the tiny VQ keeps the real codebook size
 const PIXEL_LIMIT = 1_000_000;
 const QUEUE_LIMIT = 2;
 const MAX_MESSAGE_BYTES = 256 * 1024;
-
-interface EncodeResponse {
-  h: number;
-  w: number;
-  codes: Buffer;
-  resized_height: number;
-  resized_width: number;
-  original_height: number;
-  original_width: number;
-}
-interface DecodeResponse {
-  png: Buffer;
-  height: number;
-  width: number;
-}
 
 const root = dirname(protoRoot());
 const work = mkdtempSync(join(tmpdir(), 'emu3-vq-service-'));

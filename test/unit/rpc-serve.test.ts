@@ -12,9 +12,7 @@ import { HEALTH_PROTO, HEALTH_SERVICE } from '../../lib/rpc/health.js';
 import { createLogger } from '../../lib/rpc/log.js';
 import { protoRoot, serviceDefinition } from '../../lib/rpc/proto.js';
 import { serve } from '../../lib/rpc/serve.js';
-
-const VQ_PROTO = 'emu3/internal/v1/vq.proto';
-const VQ_SERVICE = 'emu3.internal.v1.VqService';
+import { VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
 
 class PictureError extends Error {}
 
