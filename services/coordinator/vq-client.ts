@@ -65,7 +65,7 @@ export class VqClient {
       if (signal?.aborted) throw signal.reason;
       const e = err as grpc.ServiceError;
       if (e.code === grpc.status.INVALID_ARGUMENT) throw new InvalidArgument(`${field}: ${e.details}`);
-      if (e.code === grpc.status.RESOURCE_EXHAUSTED) throw new ResourceExhausted(`${field}: vq: ${e.details}`);
+      if (e.code === grpc.status.RESOURCE_EXHAUSTED) throw new ResourceExhausted(`${field}: ${e.details}`);
       throw new Unavailable(`${field}: the VQ service at ${this.address} failed: ${e.details ?? e.message}`);
     }
     const n = res.h * res.w;
