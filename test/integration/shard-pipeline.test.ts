@@ -3,11 +3,10 @@
 // Truth: `emu3 logits --steps` (single-stage greedy), and for candidates and full rows the single-stage logits of
 // the same history run through the float64 reference of the last stage's row processing.
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
@@ -28,6 +27,7 @@ import {
 } from '../../lib/rpc/shard-wire.js';
 import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import { type LastStageParams, processLastStageRow } from '../../services/coordinator/logits.js';
+import { type SpawnedService, spawnService } from './spawn-service.js';
 
 const root = dirname(protoRoot());
 const work = mkdtempSync(join(tmpdir(), 'emu3-shard-it-'));
@@ -36,12 +36,7 @@ const SLOTS = 8;
 const SLOT_TOKENS = 128;
 const STEPS = 6;
 
-interface Shard {
-  proc: ChildProcess;
-  address: string;
-  exited: Promise<number | null>;
-  logs: string[];
-}
+type Shard = SpawnedService;
 
 const shards: Shard[] = [];
 let sink: RunningServer;
@@ -56,27 +51,10 @@ let reference: StageRuntime;
 let nextBatchId = 1;
 
 function startShard(layers: string, next?: string): Promise<Shard> {
-  const args = ['bin/emu3.js', 'shard', '--model', modelDir, '--layers', layers, '--listen', '127.0.0.1:0'];
+  const args = ['shard', '--model', modelDir, '--layers', layers, '--listen', '127.0.0.1:0'];
   if (next) args.push('--next', next);
   args.push('--max-slots', String(SLOTS), '--slot-tokens', String(SLOT_TOKENS), '--threads', '1');
-  const proc = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'inherit', 'pipe'] });
-  const logs: string[] = [];
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`shard ${layers} did not listen in 60 s:\n${logs.join('\n')}`)),
-      60_000,
-    );
-    createInterface({ input: proc.stderr as NodeJS.ReadableStream }).on('line', (line) => {
-      logs.push(line);
-      const record = JSON.parse(line) as Record<string, unknown>;
-      if (record.msg === 'listening') {
-        clearTimeout(timer);
-        resolve({ proc, address: String(record.address), exited, logs });
-      }
-    });
-    proc.once('exit', (code) => reject(new Error(`shard ${layers} exited (${code}):\n${logs.join('\n')}`)));
-  });
+  return spawnService(args, `shard ${layers}`, 60_000);
 }
 
 function resultSink(): grpc.UntypedServiceImplementation {

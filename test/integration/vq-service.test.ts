@@ -3,11 +3,10 @@
 // The tiny VQ's preprocessor_config.json is given small min/max_pixels (64² / 128²) so each encode is a few
 // milliseconds of ORT work on this 2-core machine; the service reads those limits from the file like any VQ directory.
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 import { deflateSync } from 'node:zlib';
@@ -21,6 +20,7 @@ import { VqCodec } from '../../lib/vq/codec.js';
 import { postprocessToPng } from '../../lib/vq/postprocess.js';
 import { loadPreprocessorConfig, preprocessImage } from '../../lib/vq/preprocess.js';
 import { writeTinyVq } from '../../lib/vq/tiny.js';
+import { spawnService } from './spawn-service.js';
 
 const CODEBOOK = 32768; // the tiny VQ keeps the real codebook size
 const PIXEL_LIMIT = 1_000_000;
@@ -33,7 +33,7 @@ const vqDir = join(work, 'vq');
 const cacheDir = join(work, 'cache');
 let child: ChildProcess | undefined;
 let exited: Promise<number | null>;
-const logs: Record<string, unknown>[] = [];
+let logs: Record<string, unknown>[] = [];
 let client: grpc.Client;
 let health: grpc.Client;
 
@@ -130,34 +130,14 @@ before(async () => {
   writeFileSync(prepPath, JSON.stringify({ ...prep, min_pixels: 64 * 64, max_pixels: 128 * 128 }));
   smallPng = await png(32, 32);
 
-  const args = ['bin/emu3.js', 'vq', '--vq', vqDir, '--listen', '127.0.0.1:0', '--cache-dir', cacheDir];
+  const args = ['vq', '--vq', vqDir, '--listen', '127.0.0.1:0', '--cache-dir', cacheDir];
   args.push('--max-pixels', String(PIXEL_LIMIT), '--queue', String(QUEUE_LIMIT), '--workers', '1');
   args.push('--max-message-bytes', String(MAX_MESSAGE_BYTES));
-  const proc = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'inherit', 'pipe'] });
-  child = proc;
-  exited = new Promise((resolve) => proc.once('exit', (code) => resolve(code)));
-  const address = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`vq service did not listen within 30 s; log:\n${JSON.stringify(logs)}`)),
-      30_000,
-    );
-    createInterface({ input: proc.stderr! }).on('line', (line) => {
-      let record: Record<string, unknown>;
-      try {
-        record = JSON.parse(line);
-      } catch {
-        record = { raw: line };
-      }
-      logs.push(record);
-      if (record.msg === 'listening') {
-        clearTimeout(timer);
-        resolve(String(record.address));
-      }
-    });
-    proc.once('exit', (code) =>
-      reject(new Error(`vq service exited with ${code} before listening; log:\n${JSON.stringify(logs)}`)),
-    );
-  });
+  const service = await spawnService(args, 'vq service', 30_000);
+  child = service.proc;
+  exited = service.exited;
+  logs = service.logs;
+  const { address } = service;
   assert.match(address, /^127\.0\.0\.1:[1-9]\d*$/);
   client = createClient(VQ_PROTO, VQ_SERVICE, address, { maxMessageBytes: 4 * MAX_MESSAGE_BYTES });
   health = createClient(HEALTH_PROTO, HEALTH_SERVICE, address);
