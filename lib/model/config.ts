@@ -1,8 +1,8 @@
 // The LLM's config.json (EMU3.md §1.1), parsed with the upstream HF key names and validated: every field we use is
 // checked for presence, type and consistency, and every error names the field and the file.
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CheckpointError } from './errors.js';
+import { readJsonFile } from './json-file.js';
 
 export interface Emu3Config {
   hiddenSize: number;
@@ -164,17 +164,5 @@ export function parseEmu3Config(json: unknown, source: string): Emu3Config {
 
 export function loadEmu3Config(dir: string): Emu3Config {
   const path = join(dir, 'config.json');
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (e) {
-    throw new CheckpointError(`${path}: cannot read (${(e as NodeJS.ErrnoException).code ?? e})`);
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw new CheckpointError(`${path}: invalid JSON (${(e as Error).message})`);
-  }
-  return parseEmu3Config(json, path);
+  return parseEmu3Config(readJsonFile(path), path);
 }

@@ -1,7 +1,7 @@
 // The Emu3-VisionTokenizer config.json (EMU3.md §5.1): parsed, validated, with errors that name the field.
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CheckpointError } from '../model/errors.js';
+import { readJsonFile } from '../model/json-file.js';
 
 export interface VqConfig {
   codebookSize: number;
@@ -107,19 +107,7 @@ export function parseVqConfig(json: unknown, source: string): VqConfig {
 
 export function loadVqConfig(dir: string): VqConfig {
   const path = join(dir, 'config.json');
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (e) {
-    throw new CheckpointError(`${path}: cannot read VQ config (${(e as NodeJS.ErrnoException).code ?? e})`);
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw new CheckpointError(`${path}: invalid JSON (${(e as Error).message})`);
-  }
-  return parseVqConfig(json, path);
+  return parseVqConfig(readJsonFile(path, 'VQ config'), path);
 }
 
 /** Channel count of each level: ch·ch_mult[i]. */

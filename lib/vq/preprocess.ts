@@ -1,7 +1,5 @@
-// Image bytes → the VQ encoder's input (EMU3.md §4.2): decode to RGB like PIL, smartResize, Pillow BICUBIC resize,
-// rescale by float32(float64(u8) * rescale_factor), normalise (x - mean) / std in float32, channels first.
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { readJsonFile } from '../model/json-file.js';
 import { ImageSizeError, smartResize } from '../prompt/smart-resize.js';
 import { type DecodeOptions, decodeToRgb, ImageInputError, type RgbImage } from './image-decode.js';
 import { resizeBicubic } from './resize.js';
@@ -82,18 +80,7 @@ export function parsePreprocessorConfig(json: unknown, source: string): Preproce
 /** Reads DIR/preprocessor_config.json (required: it is part of every Emu3-VisionTokenizer directory). */
 export function loadPreprocessorConfig(dir: string): PreprocessorConfig {
   const file = join(dir, 'preprocessor_config.json');
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (e) {
-    throw new PreprocessorConfigError(`${file}: cannot read the VQ preprocessor config: ${(e as Error).message}`);
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw new PreprocessorConfigError(`${file}: invalid JSON: ${(e as Error).message}`);
-  }
+  const json = readJsonFile(file, 'the VQ preprocessor config', (m) => new PreprocessorConfigError(m));
   return parsePreprocessorConfig(json, file);
 }
 
