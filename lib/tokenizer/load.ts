@@ -1,6 +1,7 @@
 // Loads the tokenizer of a model directory and checks its role ids against the directory's config.json.
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { readJsonFile } from '../model/json-file.js';
 import { type Role, TIKTOKEN_FILE, VISION_TOKENS_FILE } from './specials.js';
 import { Emu3Tokenizer } from './tokenizer.js';
 
@@ -47,12 +48,7 @@ export function loadTokenizer(dir: string): Emu3Tokenizer {
   const visionPath = join(dir, VISION_TOKENS_FILE);
   const tok = Emu3Tokenizer.fromText(readText(tiktokenPath), readText(visionPath), dir);
   const configPath = join(dir, 'config.json');
-  let config: unknown;
-  try {
-    config = JSON.parse(readText(configPath));
-  } catch (err) {
-    throw new Error(`${configPath}: ${(err as Error).message}`);
-  }
+  const config = readJsonFile(configPath);
   if (typeof config !== 'object' || config === null || Array.isArray(config)) {
     throw new Error(`${configPath}: expected a JSON object`);
   }
