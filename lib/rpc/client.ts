@@ -3,6 +3,17 @@ import * as grpc from '@grpc/grpc-js';
 import { serviceClient } from './proto.js';
 import { DEFAULT_MAX_MESSAGE_BYTES } from './serve.js';
 
+/**
+ * Reconnect backoff for links inside the system (coordinator → shards and vq, shard → next shard): grpc-js's default
+ * grows exponentially to 120 s, so a stage restarted after a minute would wait for the next retry. Internal peers
+ * are retried at most a second apart, so recovery starts within 1 s of a peer listening again.
+ */
+export const INTERNAL_RECONNECT: grpc.ChannelOptions = {
+  'grpc.initial_reconnect_backoff_ms': 200,
+  'grpc.min_reconnect_backoff_ms': 200,
+  'grpc.max_reconnect_backoff_ms': 1000,
+};
+
 export interface ClientOptions {
   /** grpc.max_receive_message_length and max_send_message_length. Default 64 MiB. */
   maxMessageBytes?: number;
@@ -20,6 +31,7 @@ export function createClient(
   return new Client(address, grpc.credentials.createInsecure(), {
     'grpc.max_receive_message_length': max,
     'grpc.max_send_message_length': max,
+    ...INTERNAL_RECONNECT,
     ...opts.channelOptions,
   });
 }

@@ -35,6 +35,8 @@ export interface ShardInfo {
   visual_token_begin: number;
   visual_token_end: number;
   max_top_k: number;
+  lease_ms: number;
+  epoch: number;
 }
 
 export interface KvCopy {
@@ -59,6 +61,7 @@ export interface SamplingSide {
   penalised_ids: number[];
   top_k: number;
   full_row: boolean;
+  penalty_reset: boolean;
 }
 
 export interface MicroBatch {
@@ -72,6 +75,24 @@ export interface MicroBatch {
   traceparent: string;
   /** Compute ms of the stages so far, each appending its own (for StepResult.stage_compute_ms). */
   stage_compute_ms?: number[];
+  /** Items refused by earlier stages (removed from the batch before it went on). */
+  refusals?: StageError[];
+}
+
+export type StageErrorKindName =
+  | 'STAGE_ERROR_KIND_UNSPECIFIED'
+  | 'STAGE_ERROR_KIND_REFUSED'
+  | 'STAGE_ERROR_KIND_STAGE_LOST'
+  | 'STAGE_ERROR_KIND_INTERNAL'
+  | 'STAGE_ERROR_KIND_STALE_EPOCH';
+
+export interface StageError {
+  kind: StageErrorKindName;
+  message: string;
+  /** REFUSED: the sequence; 0 for a whole-batch error. */
+  sequence_id: number;
+  /** REFUSED: the gRPC status code the request ends with; 0 otherwise. */
+  status_code: number;
 }
 
 export interface KvCopyTo {
@@ -85,19 +106,24 @@ export interface KvCommand {
   copies: KvCopyTo[];
 }
 
-/** What a sender writes on a Forward stream. */
-export type ForwardRequest = { batch: MicroBatch } | { kv: KvCommand };
+/** What a sender writes on a Forward stream: one of batch, kv, heartbeat, and the coordinator's epoch. */
+export type ForwardRequest = ({ batch: MicroBatch } | { kv: KvCommand } | { heartbeat: Record<string, never> }) & {
+  epoch: number;
+};
 
 /** What a Forward stream's receiver gets (proto-loader fills the oneof's name in `kind`). */
 export interface ReceivedForwardRequest {
   batch?: MicroBatch | null;
   kv?: KvCommand | null;
-  kind?: 'batch' | 'kv';
+  heartbeat?: Record<string, never> | null;
+  kind?: 'batch' | 'kv' | 'heartbeat';
+  epoch: number;
 }
 
 export interface ForwardResponse {
   micro_batch_id: number;
-  error: string;
+  /** null (unset) when the stage ran it. */
+  error: StageError | null;
   compute_ms: number;
   queue_ms: number;
 }
@@ -112,7 +138,9 @@ export interface StepResult {
   micro_batch_id: number;
   results: SequenceResult[];
   stage_compute_ms: number[];
-  error: string;
+  /** null (unset) on success. */
+  error: StageError | null;
+  refusals: StageError[];
 }
 
 /** A little-endian int32 tensor's values (copied: received buffers need not be 4-byte aligned). */

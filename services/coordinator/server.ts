@@ -53,6 +53,8 @@ export interface CoordinatorOptions {
   prefixCacheEntries: number;
   minPrefixMatch: number;
   maxImages: number;
+  /** Request limits beyond the defaults (coordinator flags). */
+  limits?: Partial<RequestLimits>;
   maxMessageBytes: number;
   /** How long to wait for the shards' and the vq's first answer. */
   startTimeoutMs: number;
@@ -270,6 +272,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
   const capacity = commonCapacity(stages.map((s) => ({ slots: s.info.kv_slots, tokens: s.info.kv_capacity_tokens })));
   const limits: RequestLimits = {
     ...defaultLimits,
+    ...opts.limits,
     contextLength: Math.min(config.maxPositionEmbeddings, shape.kvSlotTokens),
     maxImages: opts.maxImages,
     maxTopK: Math.min(defaultLimits.maxTopK, shape.maxTopK || defaultLimits.maxTopK),
