@@ -27,7 +27,6 @@ const spec: CommandSpec = {
     },
     'max-batch-seqs': { help: 'sequences per micro-batch', default: '64' },
     'max-in-flight': { help: 'micro-batches in flight (default: the number of stages)' },
-    'kv-block-size': { help: 'KV accounting block, tokens', default: '16' },
     'prefix-cache-entries': { help: 'cached prompt prefixes kept on the shards (0 = no prefix cache)', default: '16' },
     'min-prefix-match': { help: 'shortest shared prefix taken from the cache', default: '4' },
     'max-images': { help: 'most image parts per request', default: '4' },
@@ -36,7 +35,18 @@ const spec: CommandSpec = {
       default: String(96 * 1024 * 1024),
     },
     'start-timeout-ms': { help: 'how long to wait for the shards and the vq to answer at start', default: '120000' },
-    'drain-timeout-ms': { help: 'on SIGTERM/SIGINT, how long running answers may take', default: '30000' },
+    'drain-timeout-ms': {
+      help: 'on SIGTERM/SIGINT: new requests are refused, running answers may finish this long, then end with FINISH_REASON_CANCELLED',
+      default: '30000',
+    },
+    'stage-timeout-ms': {
+      help: 'a stage (shard) not answering this long fails the requests it holds with UNAVAILABLE naming it',
+      default: '30000',
+    },
+    'max-recoveries': {
+      help: 'times one request is prefilled again after a stage lost its KV before it fails with UNAVAILABLE',
+      default: '3',
+    },
   },
 };
 
@@ -60,13 +70,14 @@ export const command: Command = {
       maxBatchTokens: flags.int('max-batch-tokens', 1, 1_000_000)!,
       maxBatchSeqs: flags.int('max-batch-seqs', 1, 100_000)!,
       maxInFlight: flags.int('max-in-flight', 1, 1024),
-      blockSize: flags.int('kv-block-size', 1, 65536)!,
       prefixCacheEntries: flags.int('prefix-cache-entries', 0, 100_000)!,
       minPrefixMatch: flags.int('min-prefix-match', 1, 1_000_000)!,
       maxImages: flags.int('max-images', 0, 1024)!,
       maxMessageBytes: flags.int('max-message-bytes', 1024, 2 ** 31 - 1)!,
       startTimeoutMs: flags.int('start-timeout-ms', 0)!,
       drainTimeoutMs: flags.int('drain-timeout-ms', 0)!,
+      stageTimeoutMs: flags.int('stage-timeout-ms', 0)!,
+      maxRecoveries: flags.int('max-recoveries', 0, 1000)!,
       log: createLogger('coordinator'),
     });
     await coordinator.closed;

@@ -25,6 +25,13 @@ export interface ServeOptions {
   serverOptions?: grpc.ServerOptions;
   /** How long in-flight calls may take to finish once draining starts. Default 30 s. */
   drainTimeoutMs?: number;
+  /** Runs when the drain starts (e.g. stop admitting work), before the server stops taking calls. */
+  onDrainStart?: () => void;
+  /**
+   * Runs when the drain timeout passes with calls still open (e.g. end them with a final message); they then get 2 s
+   * more to finish before they are cut off. Without it they are cut off at once.
+   */
+  onDrainTimeout?: () => Promise<void> | void;
   /** Runs after the server has stopped (terminate workers, close files). */
   onClose?: () => Promise<void> | void;
   /** Drain on SIGTERM and SIGINT. Default true. */
@@ -96,15 +103,25 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
       const timeoutMs = opts.drainTimeoutMs ?? 30_000;
       log.info('draining', { reason, timeoutMs });
       health.close();
+      opts.onDrainStart?.();
       const started = performance.now();
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(() => {
+        let force: NodeJS.Timeout | undefined;
+        const timer = setTimeout(async () => {
+          if (opts.onDrainTimeout) {
+            log.warn('drain timeout: ending the remaining calls', { timeoutMs });
+            await opts.onDrainTimeout();
+            force = setTimeout(cut, 2000);
+          } else cut();
+        }, timeoutMs);
+        const cut = () => {
           log.warn('drain timeout: cancelling the remaining calls', { timeoutMs });
           server.forceShutdown();
           resolve();
-        }, timeoutMs);
+        };
         server.tryShutdown(() => {
           clearTimeout(timer);
+          clearTimeout(force);
           resolve();
         });
       });

@@ -1,43 +1,52 @@
-// The coordinator's engine loop (DESIGN.md §1, §4, §5): requests wait in the bounded admission queue; on every change
-// (a new request, a result, a cancel) `pump` asks the pure scheduler what to do, carries out its decision (reserve KV,
-// pin a cached prefix, send a micro-batch down the pipeline), and on each StepResult samples the next token of every
-// sequence with its own seeded sampler, detokenizes, applies stop strings and ends sequences, freeing their KV on
-// every stage with a KvCommand sent in stream order. No I/O here beyond the Transport it is given, so the whole loop
-// runs in unit tests against an in-process pipeline.
+// The coordinator's engine loop (docs/architecture.md): requests wait in a bounded queue; on every change (a new
+// request, a result, a cancel) `pump` asks the pure planner (scheduler.ts) for the step's plan, applies it to the
+// state, and sends what it says: KV commands (evictions, prefix-cache copies, frees) and the micro-batch, in stream
+// order. On each StepResult it samples the next token of every sequence with its own seeded sampler, detokenizes,
+// applies stop strings and ends sequences; the next plan releases their KV. No I/O here beyond the Transport it is
+// given, so the whole loop runs in unit tests against an in-process pipeline.
 //
-// KV bookkeeping. Each live sequence owns one allocator reservation (a slot on every stage + blocks for prompt +
-// max_new_tokens). A finished sequence's prompt is kept as a cached prefix: its first P positions are copied into a
-// slot of the cache's own (KvCommand.copies), and the sequence's slot is freed, so a shard's kv_tokens_in_use is
-// exactly the live sequences' positions plus the cached prompts' lengths, and kv_slots_in_use the live sequences plus
-// the cache entries (GetModelInfo and `stats()` report the cache's share). Cancelled or expired sequences are not
-// cached. A later prompt sharing a cached prefix starts with BatchItem.copy_prefix and skips those positions.
+// Stage errors are typed (shard.proto StageError): a REFUSED item ends only its own request, with the status the
+// stage asked for; an INTERNAL batch error ends that batch's requests with INTERNAL; STAGE_LOST means KV may be gone
+// somewhere, so every running sequence keeps its token history and is prefilled again once the caller has brought
+// the pipeline back (suspend → Reset → resume). Nothing else resets the pipeline.
 
 import {
-  type ForwardRequest,
-  type ForwardResponse,
   float32Values,
   int32Values,
+  type KvCommand,
+  type MicroBatch,
   type SamplingSide,
+  type StageError,
   type StepResult,
 } from '../../lib/rpc/shard-wire.js';
 import type { StreamDetokenizer } from '../../lib/tokenizer/stream.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
-import { KvAllocator } from './kv-allocator.js';
+import { GrpcCode, InternalError, ResourceExhaustedError, StageRefusedError, UnavailableError } from './errors.js';
+import { KvManager } from './kv-manager.js';
 import type { Candidates } from './logits.js';
 import { PrefixCache, type PrefixEntry } from './prefix-cache.js';
-import { AdmissionQueue } from './queue.js';
 import type { ValidSampling } from './request-validation.js';
 import { type Distribution, type LastStagePlan, planLastStage, RequestSampler, topAlternatives } from './sampler.js';
 import {
-  type MicroBatchPlan,
-  type RunningSeq,
+  applyPlan,
+  type CacheKv,
+  completeBatch,
+  dropBatch,
+  dropWaiting,
+  loseAllKv,
+  planStep,
+  type SchedSeq,
   type SchedulerConfig,
-  schedule,
-  type WaitingRequest,
+  type SchedulerState,
+  type StepPlan,
 } from './scheduler.js';
 import { StopMatcher } from './stop.js';
 
-export type FinishReason = 'FINISH_REASON_EOS' | 'FINISH_REASON_LENGTH' | 'FINISH_REASON_STOP';
+export type FinishReason =
+  | 'FINISH_REASON_EOS'
+  | 'FINISH_REASON_LENGTH'
+  | 'FINISH_REASON_STOP'
+  | 'FINISH_REASON_CANCELLED';
 
 export interface TokenLogprob {
   tokenId: number;
@@ -53,7 +62,7 @@ export type EngineEvent =
       finishReason: FinishReason;
       stopString: string;
       usage: { promptTokens: number; cachedTokens: number; completionTokens: number };
-      /** From admission to the first token, and from the first to the last token (ms). */
+      /** When the first token was drawn (the engine's clock; 0 if none), and from the first to the last token (ms). */
       firstTokenAt: number;
       decodeMs: number;
     }
@@ -70,33 +79,29 @@ export interface GenerateJob {
   onEvent(e: EngineEvent): void;
 }
 
+/** What the engine sends down the pipeline (the caller adds the coordinator's epoch). */
+export type Outgoing = { batch: MicroBatch } | { kv: KvCommand } | { heartbeat: Record<string, never> };
+
 /** Where micro-batches and KV commands go, in order (stage 0's Forward stream). */
 export interface Transport {
-  send(request: ForwardRequest): void;
+  send(request: Outgoing): void;
 }
 
 export interface EngineOptions {
   scheduler: SchedulerConfig;
   /** The pipeline's KV: the smallest stage's slots and token budget. */
   kv: { slots: number; tokens: number };
-  blockSize: number;
   maxQueue: number;
-  /** Cached prefixes kept at once; 0 turns the prefix cache off. */
-  prefixCacheEntries: number;
-  /** Shorter shared prefixes are prefilled again rather than copied. */
-  minPrefixMatch: number;
   tokenizer: Emu3Tokenizer;
-  /** Visual ids [begin, end) are masked out of text answers (MASK_KIND_TEXT on the last stage). */
   eosId: number;
   /** ResultSink address the last stage answers to. */
   replyTo: string;
   /**
-   * A micro-batch failed on some stage (a stage died, a stream broke, or the stage refused it). Given: the engine
-   * suspends, and the caller brings the pipeline back (Reset every stage) and calls resume(); each sequence of the
-   * batch is retried up to `maxRecoveries` times before it fails. Not given: the batch's sequences fail at once.
+   * A stage reported STAGE_LOST: the engine has suspended (KV considered lost everywhere); the caller brings the
+   * pipeline back (Reset every stage) and calls resume(). Not given: the lost batch's requests fail at once.
    */
   onPipelineFailure?: (reason: string) => void;
-  /** Default 3. */
+  /** Times one request may be prefilled again after lost KV before it fails (UNAVAILABLE). Default 3. */
   maxRecoveries?: number;
   now?: () => number;
 }
@@ -113,34 +118,34 @@ export interface EngineStats {
   /** Per stage: milliseconds computing, summed over StepResults. */
   stageComputeMs: number[];
   microBatches: number;
+  /** Items refused by a stage, and pipeline losses recovered from, since start. */
+  refusals: number;
+  recoveries: number;
 }
 
-interface CacheKv {
-  owner: string;
-  slot: number;
-}
-
-class Sequence {
+class Sequence implements SchedSeq {
   readonly history: number[];
   readonly promptLength: number;
-  generated = 0;
+  readonly maxNewTokens: number;
   slot = -1;
   computed = 0;
   inFlight = false;
   lastScheduled = -1;
   cachedTokens = 0;
-  /** A cached prefix to copy before the first item runs; pinned until that item's results are in. */
-  copyFrom: { entry: PrefixEntry<CacheKv>; length: number } | null = null;
-  /** Pipeline failures this sequence has been through (DESIGN.md §6). */
-  recoveries = 0;
+  pendingCopy: { fromSlot: number; length: number } | null = null;
   pinned: PrefixEntry<CacheKv> | null = null;
+  ended: 'finished' | 'aborted' | null = null;
+  generated = 0;
+  /** Losses of KV this sequence has been prefilled again after. */
+  recoveries = 0;
+  /** History positions already added to the last stage's penalised set (0: send it whole, with a reset). */
+  penaltySent = 0;
   admittedAt = 0;
   firstTokenAt = 0;
   readonly sampler: RequestSampler;
   readonly plan: LastStagePlan;
   readonly detok: StreamDetokenizer;
   readonly stop: StopMatcher;
-  readonly penalised: Set<number> | null;
 
   constructor(
     readonly id: string,
@@ -152,307 +157,307 @@ class Sequence {
   ) {
     this.history = [...job.prompt];
     this.promptLength = job.prompt.length;
+    this.maxNewTokens = job.maxNewTokens;
     const s = job.sampling;
     const truncation = { temperature: s.temperature, topK: s.topK, topP: s.topP, minP: s.minP };
     this.sampler = new RequestSampler(truncation, job.seed);
     this.plan = planLastStage(truncation, job.topLogprobs);
     this.detok = tokenizer.stream({ skipSpecialTokens: true });
     this.stop = new StopMatcher(s.stop);
-    this.penalised = s.repetitionPenalty !== 1 ? new Set(job.prompt) : null;
+  }
+
+  usage() {
+    return { promptTokens: this.promptLength, cachedTokens: this.cachedTokens, completionTokens: this.generated };
   }
 }
 
 export class Engine {
-  private readonly queue: AdmissionQueue<Sequence>;
-  private readonly allocator: KvAllocator;
-  private cache: PrefixCache<CacheKv>;
-  private readonly running = new Map<string, Sequence>();
-  private readonly inFlight = new Map<number, MicroBatchPlan>();
+  private readonly state: SchedulerState<Sequence>;
   private readonly now: () => number;
-  private step = 0;
   private nextSeq = 1;
-  private nextCacheOwner = 1;
   private arrivals = 0;
   private readonly stageComputeMs: number[] = [];
   private microBatches = 0;
+  private refusals = 0;
+  private recoveries = 0;
   private stopped: Error | null = null;
-  /** The pipeline is down (DESIGN.md §6): nothing is sent until resume(); sequences keep their token history. */
-  private down = false;
+  /** Set while the pipeline is down: new requests are refused with it; nothing is sent until resume(). */
+  private downReason: string | null = null;
+  private draining = false;
 
   constructor(
     private readonly opts: EngineOptions,
     private readonly transport: Transport,
   ) {
-    this.queue = new AdmissionQueue(opts.maxQueue, '--max-queue');
-    this.allocator = new KvAllocator(opts.kv, opts.blockSize);
-    this.cache = new PrefixCache({ maxEntries: Math.max(1, opts.prefixCacheEntries), minMatch: opts.minPrefixMatch });
+    this.state = {
+      step: 0,
+      waiting: [],
+      running: new Map(),
+      inFlight: new Map(),
+      kv: new KvManager(opts.kv),
+      cache: new PrefixCache({
+        maxEntries: Math.max(1, opts.scheduler.prefixCacheEntries),
+        minMatch: opts.scheduler.minPrefixMatch,
+      }),
+      nextCacheOwner: 1,
+    };
     this.now = opts.now ?? (() => performance.now());
   }
 
-  /** Queues a request; throws ResourceExhaustedError when the queue is full. Returns a cancel function. */
+  /** Queues a request; throws ResourceExhaustedError (queue full) or UnavailableError (down, draining). */
   submit(job: GenerateJob): { id: string; cancel: () => void } {
     if (this.stopped) throw this.stopped;
+    if (this.draining) throw new UnavailableError('the coordinator is shutting down and takes no new requests');
+    if (this.downReason !== null) throw new UnavailableError(this.downReason);
     const num = this.nextSeq++;
     const id = String(num);
-    const seq = new Sequence(id, num, job, this.arrivals++, this.now(), this.opts.tokenizer);
-    this.queue.push(id, seq, seq.enqueuedAt);
+    this.state.waiting.push(new Sequence(id, num, job, this.arrivals++, this.now(), this.opts.tokenizer));
     this.pump();
+    // The bound is on requests that must wait: admission (evicting cached prefixes if need be) has had its chance.
+    if (this.state.waiting.length > this.opts.maxQueue && dropWaiting(this.state, id))
+      throw new ResourceExhaustedError(
+        `admission queue is full: ${this.opts.maxQueue} requests waiting (limit --max-queue = ${this.opts.maxQueue}); retry later`,
+      );
     return { id, cancel: () => this.cancel(id) };
   }
 
-  /** Ends a request without an answer (client cancel, deadline, disconnect): frees its KV on every stage. */
+  /** Ends a request without an answer (client cancel, deadline, disconnect): its KV is freed on every stage. */
   cancel(id: string): void {
-    if (this.queue.remove(id)) return;
-    const seq = this.running.get(id);
-    if (!seq) return;
-    this.release(seq, false);
+    if (dropWaiting(this.state, id)) return;
+    const seq = this.state.running.get(id);
+    if (!seq || seq.ended) return;
+    seq.ended = 'aborted';
     this.pump();
   }
 
   stats(): EngineStats {
-    const kv = this.allocator.stats();
+    const kv = this.state.kv.stats();
     let cacheTokens = 0;
-    for (const e of this.cache.all()) cacheTokens += e.tokens.length;
+    for (const e of this.state.cache.all()) cacheTokens += e.tokens.length;
     return {
-      queued: this.queue.size,
-      running: this.running.size,
-      inFlightBatches: this.inFlight.size,
+      queued: this.state.waiting.length,
+      running: [...this.state.running.values()].filter((s) => !s.ended).length,
+      inFlightBatches: this.state.inFlight.size,
       kvSlotsInUse: kv.slotsInUse,
       kvTokensReserved: kv.tokensReserved,
-      cacheEntries: this.opts.prefixCacheEntries > 0 ? this.cache.size : 0,
+      cacheEntries: this.state.cache.size,
       cacheTokens,
       stageComputeMs: [...this.stageComputeMs],
       microBatches: this.microBatches,
+      refusals: this.refusals,
+      recoveries: this.recoveries,
     };
   }
 
-  /** The pipeline broke: every waiting and running request fails with `error`; nothing more is accepted. */
+  /** The pipeline is gone for good: every waiting and running request fails with `error`; nothing more is taken. */
   fail(error: Error): void {
     this.stopped = error;
-    for (const q of this.queue.list()) {
-      this.queue.remove(q.id);
-      q.item.job.onEvent({ type: 'error', error });
-    }
-    for (const seq of [...this.running.values()]) {
-      this.running.delete(seq.id);
-      seq.job.onEvent({ type: 'error', error });
-    }
-    this.inFlight.clear();
+    this.failEveryone(error);
+  }
+
+  /** Ends every waiting and running request with `error` (a stage not back within --stage-timeout); keeps serving. */
+  failEveryone(error: Error): void {
+    for (const seq of this.state.waiting.splice(0)) seq.job.onEvent({ type: 'error', error });
+    for (const seq of this.state.running.values()) this.failSeq(seq, error);
+    this.state.inFlight.clear();
   }
 
   /**
-   * The pipeline broke (DESIGN.md §6): every stage's KV is to be considered lost. Running sequences keep their slot
-   * reservation and token history and will be prefilled again from position 0; cached prefixes are forgotten.
-   * Clients see a delay, and with a fixed seed the same tokens (a replayed prefill's sample is not drawn again).
+   * Every stage's KV is to be considered lost and the pipeline is down (`reason` is what new requests are refused
+   * with until resume()). Running sequences keep their reservation and token history and will be prefilled again
+   * from position 0 (each at most maxRecoveries times); cached prefixes are forgotten. With a fixed seed the client
+   * gets the same tokens (a replayed prefill's sample is not drawn again).
    */
-  suspend(): void {
-    if (this.down) return;
-    this.down = true;
-    this.inFlight.clear();
-    for (const seq of this.running.values()) {
-      seq.inFlight = false;
-      seq.computed = 0;
-      seq.copyFrom = null;
-      seq.pinned = null;
-    }
-    for (const e of this.cache.all()) this.allocator.release(e.kv.owner);
-    this.cache = new PrefixCache({
-      maxEntries: Math.max(1, this.opts.prefixCacheEntries),
-      minMatch: this.opts.minPrefixMatch,
-    });
+  suspend(reason: string): void {
+    this.downReason = reason;
+    loseAllKv(this.state);
+    for (const seq of this.state.running.values()) seq.penaltySent = 0;
   }
 
   /** Every stage is back with empty KV (after Reset) and the Forward stream is open again. */
   resume(): void {
-    if (!this.down) return;
-    this.down = false;
+    if (this.downReason === null) return;
+    this.downReason = null;
     this.pump();
   }
 
   get isDown(): boolean {
-    return this.down;
+    return this.downReason !== null;
   }
 
-  /** A ForwardResponse from stage 0: an error there means the micro-batch's sequences cannot go on. */
-  onAck(ack: ForwardResponse): void {
-    if (!ack.error) return;
-    const plan = this.inFlight.get(ack.micro_batch_id);
-    this.failBatch(plan, `stage 0 could not run micro-batch ${ack.micro_batch_id}: ${ack.error}`);
+  /** Keeps the shards' coordinator lease alive (sent on a timer by the caller). */
+  heartbeat(): void {
+    this.emit({ heartbeat: {} });
+  }
+
+  /** Stops admission: new requests are refused, waiting ones end with FINISH_REASON_CANCELLED; running ones go on. */
+  beginDrain(): void {
+    this.draining = true;
+    for (const seq of this.state.waiting.splice(0)) this.finish(seq, 'FINISH_REASON_CANCELLED', '');
+  }
+
+  /** Ends every running answer now with FINISH_REASON_CANCELLED (what it has said so far stands). */
+  cancelRunning(): void {
+    for (const seq of this.state.running.values()) if (!seq.ended) this.finish(seq, 'FINISH_REASON_CANCELLED', '');
+    this.pump();
+  }
+
+  /** No request waiting or running. */
+  get idle(): boolean {
+    return this.state.waiting.length === 0 && [...this.state.running.values()].every((s) => s.ended);
   }
 
   onStepResult(result: StepResult): void {
-    const plan = this.inFlight.get(result.micro_batch_id);
-    if (!plan) return; // a batch whose sequences all failed already
-    if (result.error) {
-      this.failBatch(plan, `the last stage could not finish micro-batch ${result.micro_batch_id}: ${result.error}`);
+    const id = result.micro_batch_id;
+    if (!this.state.inFlight.has(id)) return; // a batch lost to a recovery, or whose requests all ended
+    for (const r of result.refusals ?? []) this.onRefusal(r);
+    const error = result.error;
+    if (error && error.kind !== 'STAGE_ERROR_KIND_UNSPECIFIED') {
+      this.onBatchError(id, error);
+      this.pump();
       return;
     }
-    this.inFlight.delete(result.micro_batch_id);
     this.microBatches++;
     result.stage_compute_ms.forEach((ms, i) => {
       this.stageComputeMs[i] = (this.stageComputeMs[i] ?? 0) + ms;
     });
     const byId = new Map(result.results.map((r) => [String(r.sequence_id), r]));
-    for (const item of plan.items) {
-      const seq = this.running.get(item.seqId);
-      if (!seq) continue; // cancelled while in flight; its KV was freed after this batch in stream order
-      seq.inFlight = false;
-      seq.computed = item.start + item.count;
-      if (seq.pinned && !seq.copyFrom) {
-        this.cache.unpin(seq.pinned);
-        seq.pinned = null;
-      }
-      // A replayed prefill (after a pipeline failure) ends one short of the history: its next token is known.
+    for (const { item, seq } of completeBatch(this.state, id)) {
+      // A replayed prefill (after lost KV) ends one short of the history: its next token is known.
       if (!item.sample || seq.computed < seq.history.length) continue;
       const r = byId.get(item.seqId);
       if (!r) {
-        this.failSeq(seq, new Error(`the last stage returned no result for sequence ${item.seqId}`));
+        this.failSeq(seq, new InternalError(`the last stage returned no result for sequence ${item.seqId}`));
         continue;
       }
       try {
         this.onToken(seq, distribution(r));
       } catch (err) {
-        this.failSeq(seq, err instanceof Error ? err : new Error(String(err)));
+        this.failSeq(seq, new InternalError(err instanceof Error ? err.message : String(err)));
       }
     }
     this.pump();
   }
 
-  /** Carries out scheduling decisions until nothing more can be sent now. */
+  private onRefusal(r: StageError): void {
+    this.refusals++;
+    const seq = this.state.running.get(String(r.sequence_id));
+    if (!seq) return;
+    this.failSeq(seq, new StageRefusedError(r.status_code || GrpcCode.FAILED_PRECONDITION, r.message));
+  }
+
+  private onBatchError(id: number, error: StageError): void {
+    if (error.kind === 'STAGE_ERROR_KIND_STAGE_LOST' && this.opts.onPipelineFailure) {
+      this.pipelineLost(error.message);
+      return;
+    }
+    const failure =
+      error.kind === 'STAGE_ERROR_KIND_INTERNAL'
+        ? new InternalError(error.message)
+        : new UnavailableError(error.message);
+    for (const seq of dropBatch(this.state, id)) this.failSeq(seq, failure);
+  }
+
+  /** A stage lost KV (or the stream to it broke): suspend, and let the caller bring the pipeline back. */
+  pipelineLost(reason: string): void {
+    if (this.isDown) return;
+    this.recoveries++;
+    const limit = this.opts.maxRecoveries ?? 3;
+    for (const seq of this.state.running.values()) {
+      if (seq.ended) continue;
+      if (seq.recoveries >= limit)
+        this.failSeq(
+          seq,
+          new UnavailableError(`${reason} (request given up after ${limit} recoveries, --max-recoveries)`),
+        );
+      else seq.recoveries++;
+    }
+    this.suspend(`the pipeline is recovering: ${reason}`);
+    this.opts.onPipelineFailure?.(reason);
+  }
+
+  /** Plans and carries out steps until nothing more can be done now. */
   pump(): void {
     for (;;) {
-      if (this.stopped || this.down) return;
-      this.makeRoomForHead();
-      const waiting = this.waitingView();
-      const decision = schedule(
-        {
-          step: this.step,
-          running: [...this.running.values()].map(runningView),
-          waiting: waiting.map((w) => w.view),
-          inFlightBatches: this.inFlight.size,
-          kv: this.kvView(),
-        },
-        this.opts.scheduler,
+      if (this.stopped || this.isDown) return;
+      const plan = planStep(this.state, this.opts.scheduler);
+      if (!plan.batch && plan.reject.length + plan.evict.length + plan.release.length + plan.admit.length === 0) return;
+      const rejected = plan.reject.map((r) => ({
+        seq: this.state.waiting.find((w) => w.id === r.id)!,
+        error: r.error,
+      }));
+      applyPlan(this.state, plan);
+      for (const r of rejected) r.seq.job.onEvent({ type: 'error', error: r.error });
+      this.carryOut(plan);
+    }
+  }
+
+  private carryOut(plan: StepPlan): void {
+    // Evicted slots are freed before any copy: a new cache entry may have been given one of them.
+    if (plan.evict.length > 0) this.emit({ kv: { free_slots: plan.evict.map((e) => e.kv.slot), copies: [] } });
+    if (plan.release.length > 0) {
+      const copies = plan.release.flatMap((r) =>
+        r.cacheInsert
+          ? [{ from_slot: r.cacheInsert.fromSlot, to_slot: r.cacheInsert.toSlot, length: r.cacheInsert.tokens.length }]
+          : [],
       );
-      for (const r of decision.reject) {
-        const q = this.queue.remove(r.id);
-        q?.item.job.onEvent({ type: 'error', error: r.error });
-      }
-      for (const a of decision.admit) {
-        const w = waiting.find((x) => x.view.id === a.id)!;
-        this.admit(w.seq, a.reserveTokens, a.cachedLength, w.hit);
-      }
-      if (!decision.batch) {
-        if (decision.reject.length > 0 || decision.admit.length > 0) continue;
-        return;
-      }
-      this.send(decision.batch);
+      // A shard applies a command's copies before its frees.
+      this.emit({ kv: { free_slots: plan.release.map((r) => r.slot), copies } });
     }
-  }
-
-  private kvView() {
-    const s = this.allocator.stats();
-    return {
-      freeSlots: s.slotsTotal - s.slotsInUse,
-      freeTokens: (s.blocksTotal - s.blocksInUse) * s.blockSize,
-      totalSlots: s.slotsTotal,
-      totalTokens: s.blocksTotal * s.blockSize,
-      blockSize: s.blockSize,
-    };
-  }
-
-  /** Evicts least recently used cached prefixes while the oldest waiting request does not fit. */
-  private makeRoomForHead(): void {
-    const head = this.queue.peek();
-    if (!head) return;
-    const need = head.item.promptLength + head.item.job.maxNewTokens;
-    if (!this.allocator.fitsAtAll(need)) return; // the scheduler rejects it
-    while (!this.allocator.canReserve(need)) {
-      const victim = this.cache.evictLru();
-      if (!victim) return;
-      this.dropCacheEntry(victim);
+    const now = this.now();
+    for (const a of plan.admit) {
+      const seq = this.state.running.get(a.id)!;
+      seq.admittedAt = now;
+      seq.job.onEvent({ type: 'admitted', queueMs: now - seq.enqueuedAt });
     }
+    if (plan.batch) this.send(plan.batch);
   }
 
-  private waitingView(): { seq: Sequence; view: WaitingRequest; hit: PrefixEntry<CacheKv> | null }[] {
-    const freeSlots = this.allocator.slotsTotal - this.allocator.stats().slotsInUse;
-    return this.queue.list().map((q, i) => {
-      const seq = q.item;
-      // Only the requests that could be admitted now look up the cache (a lookup refreshes the entry's LRU age).
-      const hit =
-        this.opts.prefixCacheEntries > 0 && i < freeSlots + 1 && this.cache.size > 0
-          ? this.cache.lookup(seq.history, seq.promptLength - 1)
-          : null;
-      return {
-        seq,
-        hit: hit?.entry ?? null,
-        view: {
-          id: seq.id,
-          promptLength: seq.promptLength,
-          maxNewTokens: seq.job.maxNewTokens,
-          cachedLength: hit?.length ?? 0,
-          arrival: seq.arrival,
-        },
-      };
-    });
-  }
-
-  private admit(seq: Sequence, reserveTokens: number, cachedLength: number, hit: PrefixEntry<CacheKv> | null): void {
-    this.queue.remove(seq.id);
-    const allocation = this.allocator.reserve(seq.id, reserveTokens);
-    if (!allocation) throw new Error(`engine: the scheduler admitted ${seq.id} but the allocator has no room`);
-    seq.slot = allocation.slot;
-    seq.computed = cachedLength;
-    seq.cachedTokens = cachedLength;
-    if (hit && cachedLength > 0) {
-      this.cache.pin(hit);
-      seq.pinned = hit;
-      seq.copyFrom = { entry: hit, length: cachedLength };
-    }
-    seq.admittedAt = this.now();
-    this.running.set(seq.id, seq);
-    seq.job.onEvent({ type: 'admitted', queueMs: seq.admittedAt - seq.enqueuedAt });
-  }
-
-  private send(plan: MicroBatchPlan): void {
-    const id = this.step + 1;
-    this.step++;
+  private send(plan: NonNullable<StepPlan['batch']>): void {
     const items = [];
     const tokenIds: number[] = [];
     const sampling: SamplingSide[] = [];
     for (const item of plan.items) {
-      const seq = this.running.get(item.seqId)!;
-      seq.inFlight = true;
-      seq.lastScheduled = plan.step;
-      const copy = seq.copyFrom;
-      seq.copyFrom = null;
+      const seq = this.state.running.get(item.seqId)!;
       items.push({
         sequence_id: seq.num,
-        slot: seq.slot,
+        slot: item.slot,
         start_position: item.start,
         token_count: item.count,
         sample: item.sample,
-        copy_prefix: copy ? { from_slot: copy.entry.kv.slot, length: copy.length } : null,
+        copy_prefix: item.copyPrefix ? { from_slot: item.copyPrefix.fromSlot, length: item.copyPrefix.length } : null,
       });
       for (let p = item.start; p < item.start + item.count; p++) tokenIds.push(seq.history[p]);
       if (item.sample) sampling.push(this.samplingSide(seq));
     }
-    this.inFlight.set(id, plan);
     this.emit({
-      batch: { micro_batch_id: id, items, token_ids: tokenIds, sampling, reply_to: this.opts.replyTo, traceparent: '' },
+      batch: {
+        micro_batch_id: plan.id,
+        items,
+        token_ids: tokenIds,
+        sampling,
+        reply_to: this.opts.replyTo,
+        traceparent: '',
+      },
     });
   }
 
+  /** The last stage keeps each slot's penalised set: send it whole once (with a reset), then only what is new. */
   private samplingSide(seq: Sequence): SamplingSide {
     const s = seq.job.sampling;
+    const penalty = s.repetitionPenalty !== 1;
+    const reset = penalty && seq.penaltySent === 0;
+    const ids = penalty ? [...new Set(seq.history.slice(seq.penaltySent))] : [];
+    if (penalty) seq.penaltySent = seq.history.length;
     return {
       sequence_id: seq.num,
       mask: 'MASK_KIND_TEXT',
       temperature: s.temperature,
       repetition_penalty: s.repetitionPenalty,
-      penalised_ids: seq.penalised ? [...seq.penalised] : [],
+      penalised_ids: ids,
       top_k: seq.plan.topK,
       full_row: seq.plan.fullRow,
+      penalty_reset: reset,
     };
   }
 
@@ -462,7 +467,6 @@ export class Engine {
     if (seq.generated === 0) seq.firstTokenAt = now;
     seq.history.push(token.id);
     seq.generated++;
-    seq.penalised?.add(token.id);
     const { sampling } = seq.job;
     const eos = token.id === this.opts.eosId && !sampling.ignoreEos;
     let text = '';
@@ -499,117 +503,40 @@ export class Engine {
           : length
             ? 'FINISH_REASON_LENGTH'
             : null;
-    if (!finishReason) return;
+    if (finishReason) this.finish(seq, finishReason, stopString ?? '');
+  }
+
+  /** Ends a request with its final event; the next plan frees its KV (a finished prompt may stay cached). */
+  private finish(seq: Sequence, finishReason: FinishReason, stopString: string): void {
+    const now = this.now();
+    seq.ended = finishReason === 'FINISH_REASON_CANCELLED' ? 'aborted' : 'finished';
     seq.job.onEvent({
       type: 'final',
       finishReason,
-      stopString: stopString ?? '',
-      usage: { promptTokens: seq.promptLength, cachedTokens: seq.cachedTokens, completionTokens: seq.generated },
+      stopString,
+      usage: seq.usage(),
       firstTokenAt: seq.firstTokenAt,
-      decodeMs: now - seq.firstTokenAt,
+      decodeMs: seq.firstTokenAt > 0 ? now - seq.firstTokenAt : 0,
     });
-    this.release(seq, true);
   }
 
-  /**
-   * Frees a sequence's KV on every stage (in stream order, after anything already sent), first copying its prompt
-   * into a cache slot when it finished. Copies and frees travel as two commands so their order is never in doubt.
-   */
-  private release(seq: Sequence, finished: boolean): void {
-    this.running.delete(seq.id);
-    if (seq.pinned) {
-      this.cache.unpin(seq.pinned);
-      seq.pinned = null;
-    }
-    if (finished && this.opts.prefixCacheEntries > 0 && seq.computed >= seq.promptLength) {
-      const evicted: number[] = [];
-      const copy = this.cachePrompt(seq, evicted);
-      // Evicted entries are freed before the copy: the new entry may have been given one of their slots.
-      if (evicted.length > 0) this.emit({ kv: { free_slots: evicted, copies: [] } });
-      if (copy) this.emit({ kv: { free_slots: [], copies: [copy] } });
-    }
-    this.allocator.release(seq.id);
-    this.emit({ kv: { free_slots: [seq.slot], copies: [] } });
-  }
-
-  /** Keeps the prompt's KV as a cached prefix in a slot of its own; returns the copy to send (null: not cached). */
-  private cachePrompt(seq: Sequence, evictedSlots: number[]) {
-    const prompt = seq.history.slice(0, seq.promptLength);
-    if (prompt.length < this.opts.minPrefixMatch + 1) return null;
-    const existing = this.cache.lookup(prompt, prompt.length);
-    if (existing && existing.length === prompt.length) return null;
-    const take = () => {
-      const v = this.cache.evictLru();
-      if (v) evictedSlots.push(this.dropCacheEntry(v, false));
-      return v !== null;
-    };
-    while (this.cache.size >= this.opts.prefixCacheEntries && take()) {}
-    const owner = `cache:${this.nextCacheOwner++}`;
-    while (!this.allocator.canReserve(prompt.length) && take()) {}
-    const allocation = this.allocator.reserve(owner, prompt.length);
-    if (!allocation) return null;
-    const inserted = this.cache.insert(prompt, { owner, slot: allocation.slot });
-    for (const e of inserted.evicted) evictedSlots.push(this.dropCacheEntry(e, false));
-    if (!inserted.adopted) {
-      this.allocator.release(owner);
-      return null;
-    }
-    return { from_slot: seq.slot, to_slot: allocation.slot, length: prompt.length };
-  }
-
-  /** Releases an evicted entry's reservation; sends the free unless the caller batches it (returns the slot). */
-  private dropCacheEntry(entry: PrefixEntry<CacheKv>, send = true): number {
-    this.allocator.release(entry.kv.owner);
-    if (send) this.emit({ kv: { free_slots: [entry.kv.slot], copies: [] } });
-    return entry.kv.slot;
-  }
-
-  /** Sends to the pipeline; a send that throws (the stream is gone) fails everything, never the caller. */
-  private emit(request: ForwardRequest): void {
-    if (this.stopped || this.down) return;
+  /** Sends to the pipeline; a send that throws (the stream is gone) is a lost pipeline, never the caller's error. */
+  private emit(request: Outgoing): void {
+    if (this.stopped || this.isDown) return;
     try {
       this.transport.send(request);
     } catch (err) {
-      this.fail(err instanceof Error ? err : new Error(String(err)));
+      const reason = err instanceof Error ? err.message : String(err);
+      if (this.opts.onPipelineFailure) this.pipelineLost(reason);
+      else this.fail(new UnavailableError(reason));
     }
   }
 
   private failSeq(seq: Sequence, error: Error): void {
-    if (!this.running.has(seq.id)) return;
-    this.release(seq, false);
+    if (seq.ended) return;
+    seq.ended = 'aborted';
     seq.job.onEvent({ type: 'error', error });
   }
-
-  private failBatch(plan: MicroBatchPlan | undefined, message: string): void {
-    if (!plan || this.down) return;
-    for (const [id, p] of this.inFlight) if (p === plan) this.inFlight.delete(id);
-    const seqs = plan.items.flatMap((item) => this.running.get(item.seqId) ?? []);
-    const limit = this.opts.maxRecoveries ?? 3;
-    const onFailure = this.opts.onPipelineFailure;
-    for (const seq of seqs) {
-      if (!onFailure || seq.recoveries >= limit)
-        this.failSeq(seq, new Error(onFailure ? `${message} (after ${limit} recoveries)` : message));
-      else seq.recoveries++;
-    }
-    if (onFailure && seqs.some((seq) => this.running.has(seq.id))) {
-      this.suspend();
-      onFailure(message);
-      return;
-    }
-    this.pump();
-  }
-}
-
-function runningView(s: Sequence): RunningSeq {
-  return {
-    id: s.id,
-    // Positions to prefill: the prompt, or after a pipeline failure everything but the last sampled token.
-    promptLength: Math.max(s.promptLength, s.history.length - 1),
-    computed: s.computed,
-    inFlight: s.inFlight,
-    lastScheduled: s.lastScheduled,
-    arrival: s.arrival,
-  };
 }
 
 function distribution(r: StepResult['results'][number]): Distribution {

@@ -1,9 +1,11 @@
 // The coordinator's side of the shard chain: a Shard client per stage (Info, Free, Reset), and the one long-lived
-// Forward stream to stage 0 that carries micro-batches and KV commands in order. Each stage forwards to the next
-// itself; the last stage's results arrive at the coordinator's ResultSink (result-sink.ts), not here.
+// Forward stream to stage 0 that carries micro-batches, KV commands and heartbeats in order, each stamped with the
+// coordinator's epoch. Each stage forwards to the next itself; the last stage's results arrive at the coordinator's
+// ResultSink (result-sink.ts), not here.
 import type * as grpc from '@grpc/grpc-js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
+import type { Outgoing } from './engine.js';
 import {
   type ForwardRequest,
   type ForwardResponse,
@@ -19,6 +21,13 @@ export interface PipelineEvents {
   onBroken(error: Error): void;
 }
 
+/** One stage that did not answer Info. */
+export interface MissingStage {
+  index: number;
+  address: string;
+  error: string;
+}
+
 export class PipelineClient {
   private readonly clients: grpc.Client[];
   private stream: grpc.ClientDuplexStream<ForwardRequest, ForwardResponse> | null = null;
@@ -26,6 +35,11 @@ export class PipelineClient {
   constructor(
     readonly addresses: readonly string[],
     private readonly log: Logger,
+    /**
+     * The coordinator's epoch: a new coordinator's is larger (its start time in ms), and every recovery moves it on
+     * by one, so work queued on the stages before a Reset is never executed after it (STALE_EPOCH).
+     */
+    public epoch: number,
   ) {
     this.clients = addresses.map((a) => createClient(SHARD_PROTO, SHARD_SERVICE, a));
   }
@@ -60,9 +74,20 @@ export class PipelineClient {
     }
   }
 
-  /** Drops all KV on every stage (a coordinator start must not inherit a previous one's slots). */
+  /** The stages that do not answer Info within `deadlineMs` (empty: all answer). */
+  async missing(deadlineMs: number): Promise<MissingStage[]> {
+    const answers = await Promise.allSettled(this.clients.map((_, i) => this.info(i, deadlineMs)));
+    return answers.flatMap((a, index) =>
+      a.status === 'fulfilled'
+        ? []
+        : [{ index, address: this.addresses[index], error: (a.reason as Error).message ?? String(a.reason) }],
+    );
+  }
+
+  /** Drops all KV on every stage and makes `epoch` theirs (a coordinator must not inherit another's slots). */
   async resetAll(): Promise<void> {
-    await Promise.all(this.clients.map((c) => unaryCall(c, 'Reset', {}, { deadlineMs: 10_000 })));
+    const epoch = this.epoch;
+    await Promise.all(this.clients.map((c) => unaryCall(c, 'Reset', { epoch }, { deadlineMs: 10_000 })));
   }
 
   /** Opens the Forward stream to stage 0. */
@@ -90,9 +115,9 @@ export class PipelineClient {
     return this.stream !== null;
   }
 
-  send(request: ForwardRequest): void {
+  send(request: Outgoing): void {
     if (!this.stream) throw new Error(`no Forward stream to ${this.addresses[0]} (pipeline down)`);
-    this.stream.write(request);
+    this.stream.write({ ...request, epoch: this.epoch } as ForwardRequest);
   }
 
   close(): void {

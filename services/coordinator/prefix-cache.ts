@@ -1,4 +1,4 @@
-// Prefix cache (DESIGN.md §5): token-id prefixes whose KV is kept on the shards, so the same system prompt and the
+// Prefix cache (docs/architecture.md, "KV lifecycle"): token-id prefixes whose KV is kept on the shards, so the same system prompt and the
 // same image code grid are not prefilled twice. A radix tree over token ids (TGI's radix.rs idea): each entry is a
 // cached token sequence plus an opaque handle to its KV (e.g. a slot); a lookup finds the longest common prefix
 // with any entry, since the first n positions of a cached sequence's KV are valid for any prompt that shares them.
@@ -71,11 +71,48 @@ export class PrefixCache<K> {
    * it must still run through the model to produce the next token's logits. Marks the entry recently used.
    */
   lookup(tokens: ArrayLike<number>, maxLength = tokens.length - 1): PrefixHit<K> | null {
-    const { node, matched } = this.walk(tokens, Math.min(maxLength, tokens.length));
-    if (matched < this.minMatch || node === this.root) return null;
-    const entry = this.mostRecent(node.through);
+    const hit = this.match(tokens, maxLength);
+    if (hit) this.touch(hit.entry);
+    return hit;
+  }
+
+  /**
+   * The longest cached prefix of `tokens` (at most `maxLength`) among the entries `usable` accepts, without marking
+   * anything used: what a planner asks while deciding.
+   */
+  match(
+    tokens: ArrayLike<number>,
+    maxLength = tokens.length - 1,
+    usable: (e: PrefixEntry<K>) => boolean = () => true,
+  ): PrefixHit<K> | null {
+    const path = this.walkPath(tokens, Math.min(maxLength, tokens.length));
+    for (let i = path.length - 1; i >= 0; i--) {
+      const { node, matched } = path[i];
+      if (matched < this.minMatch) return null;
+      let best: PrefixEntry<K> | null = null;
+      for (const e of node.through) if (usable(e) && (!best || e.lastUsed > best.lastUsed)) best = e;
+      if (best) return { entry: best, length: matched };
+    }
+    return null;
+  }
+
+  /** Marks an entry most recently used. */
+  touch(entry: PrefixEntry<K>): void {
     entry.lastUsed = ++this.tick;
-    return { entry, length: matched };
+  }
+
+  /** The least recently used unpinned entry among those `usable` accepts, not removed (null: none). */
+  lruCandidate(usable: (e: PrefixEntry<K>) => boolean = () => true): PrefixEntry<K> | null {
+    let victim: PrefixEntry<K> | null = null;
+    for (const e of this.entries)
+      if (e.pins === 0 && usable(e) && (!victim || e.lastUsed < victim.lastUsed)) victim = e;
+    return victim;
+  }
+
+  /** Unpinned entries whose tokens are a strict prefix of `tokens` (a new entry for `tokens` makes them redundant). */
+  extendedBy(tokens: ArrayLike<number>): PrefixEntry<K>[] {
+    const t = Int32Array.from(tokens);
+    return [...this.entries].filter((e) => e.pins === 0 && e.tokens.length < t.length && isPrefix(e.tokens, t));
   }
 
   /** Caches `tokens` with KV handle `kv`, evicting LRU unpinned entries beyond maxEntries. */
@@ -140,6 +177,24 @@ export class PrefixCache<K> {
       depth += child.label.length;
       node = child;
     }
+  }
+
+  /** The nodes `tokens` passes through, shallowest first, each with the tokens matched down to it. */
+  private walkPath(tokens: ArrayLike<number>, limit: number): { node: RadixNode<K>; matched: number }[] {
+    const path: { node: RadixNode<K>; matched: number }[] = [];
+    let node = this.root;
+    let matched = 0;
+    while (matched < limit) {
+      const child = node.children.get(tokens[matched]);
+      if (!child) break;
+      let j = 0;
+      while (j < child.label.length && matched + j < limit && child.label[j] === tokens[matched + j]) j++;
+      matched += j;
+      node = child;
+      path.push({ node, matched });
+      if (j < child.label.length) break;
+    }
+    return path;
   }
 
   /** Follows `tokens` down the tree; node is the deepest node reached (possibly through part of its label). */

@@ -1,16 +1,22 @@
-// The scheduling decision (vLLM v1's schedule() idea): a pure function from a snapshot of the coordinator's state to
-// plain data: which waiting requests are admitted (only with KV capacity), and what the next micro-batch runs: which
-// sequences, from which position, how many tokens each. The pipeline client executes it; nothing here does I/O.
+// The coordinator's one decision per step (vLLM v1's schedule() idea). `planStep` is a pure function from the
+// coordinator's state to a plan in plain data: which requests are refused, which ended sequences release their KV
+// (and which of their prompts become cached prefixes, in which slot), which cached prefixes are evicted, which
+// waiting requests are admitted (with their slot and any prefix hit to copy), and the next micro-batch. The engine
+// only carries the plan out (`applyPlan`, then the messages) and feeds results back (`completeBatch`, `loseAllKv`);
+// tests drive these same functions. No I/O here.
 //
 // Policy:
 // * up to S micro-batches in flight for S stages; a sequence is in at most one in-flight micro-batch;
 // * decodes first, so a long prefill never stalls running answers; the decoding set is spread over the S
 //   micro-batches (about D/S each) and rotated least-recently-scheduled first, so no decode starves;
 // * prefill in chunks from the rest of the per-batch token budget, oldest request first;
-// * admission FIFO without overtaking (a large request is not starved by small ones), each admitted request
-//   reserving KV for prompt + max_new_tokens up front, so the shards are never over-committed and nothing is
-//   preempted; a request that could never fit is rejected with ResourceExhausted naming the budget.
+// * admission FIFO without overtaking, each admitted request reserving a slot and prompt + max_new_tokens positions
+//   up front, so the shards are never over-committed and nothing is preempted; cached prefixes are evicted (least
+//   recently used first) before a request is kept waiting, so they never keep a live request out; a request that
+//   could never fit is refused with ResourceExhausted naming the budget.
 import { ResourceExhaustedError } from './errors.js';
+import type { KvManager } from './kv-manager.js';
+import type { PrefixCache, PrefixEntry } from './prefix-cache.js';
 
 export interface SchedulerConfig {
   /** Pipeline stages S: up to S micro-batches in flight. */
@@ -21,199 +27,441 @@ export interface SchedulerConfig {
   maxBatchSeqs: number;
   /** Sequences admitted (holding KV) at once. */
   maxRunning: number;
+  /** Cached prefixes kept at once; 0 turns the prefix cache off. */
+  prefixCacheEntries: number;
+  /** Shorter prompts are not cached (and shorter shared prefixes are prefilled again rather than copied). */
+  minPrefixMatch: number;
 }
 
-export interface RunningSeq {
-  id: string;
-  promptLength: number;
+/** The KV of a cached prefix: the slot holding its positions [0, tokens.length). */
+export interface CacheKv {
+  owner: string;
+  slot: number;
+}
+
+/** What the scheduler knows of one request; the engine's sequence objects carry these fields. */
+export interface SchedSeq {
+  readonly id: string;
+  /** Prompt, then every generated token (the engine appends). */
+  readonly history: readonly number[];
+  readonly promptLength: number;
+  readonly maxNewTokens: number;
+  /** Arrival order; lower is older. */
+  readonly arrival: number;
+  /** KV slot on every stage while admitted; -1 before. */
+  slot: number;
   /** Positions whose KV exists on every stage (cached prefix + prefilled + fed decode tokens). */
   computed: number;
   inFlight: boolean;
   /** Step of its last micro-batch; -1 if never scheduled. */
   lastScheduled: number;
-  /** Admission order; lower is older. */
-  arrival: number;
+  /** Prompt positions taken from the prefix cache at admission. */
+  cachedTokens: number;
+  /** A prefix to copy into the slot before the sequence's first item runs. */
+  pendingCopy: { fromSlot: number; length: number } | null;
+  /** The cached prefix being copied from, pinned until the item carrying the copy has completed. */
+  pinned: PrefixEntry<CacheKv> | null;
+  /** Set when the answer is over: the next plan releases its KV ('finished' may leave its prompt cached). */
+  ended: 'finished' | 'aborted' | null;
 }
 
-export interface WaitingRequest {
-  id: string;
-  promptLength: number;
-  maxNewTokens: number;
-  /** Leading prompt tokens available from the prefix cache (0 if none). */
-  cachedLength: number;
-  arrival: number;
-}
-
-export interface KvCapacity {
-  freeSlots: number;
-  freeTokens: number;
-  totalSlots: number;
-  totalTokens: number;
-  blockSize: number;
-}
-
-export interface SchedulerState {
-  /** Counter of scheduled micro-batches; the next one gets this number. */
+export interface SchedulerState<S extends SchedSeq = SchedSeq> {
+  /** Counter of micro-batches; the next one gets step + 1 as its id. */
   step: number;
-  running: readonly RunningSeq[];
   /** Oldest first. */
-  waiting: readonly WaitingRequest[];
-  inFlightBatches: number;
-  kv: KvCapacity;
-}
-
-export interface Admission {
-  id: string;
-  /** KV to reserve on every stage: prompt + max_new_tokens. */
-  reserveTokens: number;
-  /** Positions already computed at admission (from the prefix cache). */
-  cachedLength: number;
+  waiting: S[];
+  running: Map<string, S>;
+  inFlight: Map<number, MicroBatchPlan>;
+  kv: KvManager;
+  cache: PrefixCache<CacheKv>;
+  /** Owner names for cache entries. */
+  nextCacheOwner: number;
 }
 
 export interface BatchItem {
   seqId: string;
   kind: 'prefill' | 'decode';
+  slot: number;
   /** Position of the first token in this item. */
   start: number;
   count: number;
   /** The last stage returns candidates for this sequence (the last prefill chunk, or a decode). */
   sample: boolean;
+  /** Copy these leading positions from another slot first (a prefix-cache hit). */
+  copyPrefix: { fromSlot: number; length: number } | null;
 }
 
 export interface MicroBatchPlan {
-  step: number;
+  id: number;
   items: BatchItem[];
   tokens: number;
 }
 
-export interface ScheduleDecision {
-  admit: Admission[];
+export interface Admission {
+  id: string;
+  slot: number;
+  /** Positions reserved on every stage: prompt + max_new_tokens. */
+  reserveTokens: number;
+  /** Prompt positions taken from a cached prefix (0: none). */
+  cachedLength: number;
+  hit: PrefixEntry<CacheKv> | null;
+}
+
+/** A cached prefix made from an ended sequence's prompt: copy `length` positions from its slot into `toSlot`. */
+export interface CacheInsert {
+  owner: string;
+  tokens: number[];
+  fromSlot: number;
+  toSlot: number;
+}
+
+export interface Release {
+  id: string;
+  slot: number;
+  cacheInsert: CacheInsert | null;
+}
+
+export interface StepPlan {
   reject: { id: string; error: ResourceExhaustedError }[];
+  /** Cached prefixes dropped (their slots are freed before any copy of this plan). */
+  evict: PrefixEntry<CacheKv>[];
+  release: Release[];
+  admit: Admission[];
   batch: MicroBatchPlan | null;
 }
 
-function roundUpToBlocks(tokens: number, blockSize: number): number {
-  return Math.ceil(tokens / blockSize) * blockSize;
+/** Positions to prefill before decoding: the prompt, or after a lost KV everything but the last sampled token. */
+export function prefillTarget(s: SchedSeq): number {
+  return Math.max(s.promptLength, s.history.length - 1);
 }
 
-export function schedule(state: SchedulerState, config: SchedulerConfig): ScheduleDecision {
-  const { admit, reject } = admitWaiting(state, config);
-  const running = [...state.running, ...admittedSeqs(state, admit)];
-  const batch = state.inFlightBatches < config.stages ? planBatch(state.step, running, config) : null;
-  return { admit, reject, batch };
+/** Free KV as the plan spends it, and the evictions it makes, without touching the real state. */
+class Budget {
+  readonly freeSlots: number[];
+  freeTokens: number;
+  readonly evicted = new Set<PrefixEntry<CacheKv>>();
+  /** Entries this plan copies from (admissions' hits): never evicted by the same plan. */
+  readonly kept = new Set<PrefixEntry<CacheKv>>();
+  cacheSize: number;
+  readonly evict: PrefixEntry<CacheKv>[] = [];
+
+  constructor(private readonly state: SchedulerState) {
+    this.freeSlots = state.kv.freeSlots();
+    this.freeTokens = state.kv.freeTokens;
+    this.cacheSize = state.cache.size;
+  }
+
+  live(e: PrefixEntry<CacheKv>): boolean {
+    return !this.evicted.has(e);
+  }
+
+  /** Evicts one entry (the given one, or the least recently used unpinned one but `keep`); false when none. */
+  evictOne(keep: PrefixEntry<CacheKv> | null, which?: PrefixEntry<CacheKv>): boolean {
+    const victim = which ?? this.state.cache.lruCandidate((e) => this.live(e) && e !== keep && !this.kept.has(e));
+    if (!victim) return false;
+    this.evicted.add(victim);
+    this.evict.push(victim);
+    this.cacheSize--;
+    const held = this.state.kv.holding(victim.kv.owner);
+    this.freeSlots.push(victim.kv.slot);
+    this.freeSlots.sort((a, b) => a - b);
+    this.freeTokens += held?.tokens ?? victim.tokens.length;
+    return true;
+  }
+
+  /** Evicts until a slot and `tokens` positions are free; false (nothing more to evict) when they cannot be. */
+  makeRoom(tokens: number, keep: PrefixEntry<CacheKv> | null): boolean {
+    while (this.freeSlots.length === 0 || this.freeTokens < tokens) if (!this.evictOne(keep)) return false;
+    return true;
+  }
+
+  takeSlot(tokens: number): number {
+    this.freeTokens -= tokens;
+    return this.freeSlots.shift()!;
+  }
 }
 
-function admittedSeqs(state: SchedulerState, admit: readonly Admission[]): RunningSeq[] {
-  return admit.map((a) => {
-    const w = state.waiting.find((x) => x.id === a.id)!;
-    return {
-      id: a.id,
-      promptLength: w.promptLength,
-      computed: a.cachedLength,
-      inFlight: false,
-      lastScheduled: -1,
-      arrival: w.arrival,
-    };
-  });
+export function planStep<S extends SchedSeq>(state: SchedulerState<S>, config: SchedulerConfig): StepPlan {
+  const budget = new Budget(state);
+  const release = planReleases(state, config, budget);
+  const { admit, reject } = planAdmissions(state, config, budget);
+  const batch =
+    state.inFlight.size < config.stages
+      ? planBatch(state.step + 1, [...state.running.values()], admit, state, config)
+      : null;
+  return { reject, evict: budget.evict, release, admit, batch };
 }
 
-function admitWaiting(state: SchedulerState, config: SchedulerConfig): Omit<ScheduleDecision, 'batch'> {
+function planReleases(state: SchedulerState, config: SchedulerConfig, budget: Budget): Release[] {
+  const releases: Release[] = [];
+  const ended = [...state.running.values()].filter((s) => s.ended);
+  // Cache inserts first, from slots free before any ended sequence's own slot is given back (a copy's target must
+  // not be a slot freed by the same command).
+  let owner = state.nextCacheOwner;
+  for (const s of ended) {
+    let cacheInsert: CacheInsert | null = null;
+    if (s.ended === 'finished' && cacheable(s, state, config, budget)) {
+      const tokens = s.history.slice(0, s.promptLength);
+      for (const e of state.cache.extendedBy(tokens)) if (budget.live(e)) budget.evictOne(null, e);
+      while (budget.cacheSize >= config.prefixCacheEntries && budget.evictOne(null)) {}
+      if (budget.cacheSize < config.prefixCacheEntries && budget.makeRoom(tokens.length, null)) {
+        cacheInsert = { owner: `cache:${owner++}`, tokens, fromSlot: s.slot, toSlot: budget.takeSlot(tokens.length) };
+        budget.cacheSize++;
+      }
+    }
+    releases.push({ id: s.id, slot: s.slot, cacheInsert });
+  }
+  for (const r of releases) {
+    budget.freeSlots.push(r.slot);
+    budget.freeTokens += state.kv.holding(r.id)?.tokens ?? 0;
+  }
+  budget.freeSlots.sort((a, b) => a - b);
+  return releases;
+}
+
+function cacheable(s: SchedSeq, state: SchedulerState, config: SchedulerConfig, budget: Budget): boolean {
+  if (config.prefixCacheEntries <= 0 || s.computed < s.promptLength) return false;
+  if (s.promptLength < config.minPrefixMatch + 1) return false;
+  const existing = state.cache.match(s.history, s.promptLength, (e) => budget.live(e));
+  return !(existing && existing.length === s.promptLength);
+}
+
+function planAdmissions(
+  state: SchedulerState,
+  config: SchedulerConfig,
+  budget: Budget,
+): Pick<StepPlan, 'admit' | 'reject'> {
   const admit: Admission[] = [];
-  const reject: ScheduleDecision['reject'] = [];
-  const { kv } = state;
-  let freeSlots = kv.freeSlots;
-  let freeTokens = kv.freeTokens;
-  let runningCount = state.running.length;
+  const reject: StepPlan['reject'] = [];
+  const ending = [...state.running.values()].filter((s) => s.ended).length;
+  let runningCount = state.running.size - ending;
   for (const w of state.waiting) {
-    const need = roundUpToBlocks(w.promptLength + w.maxNewTokens, kv.blockSize);
-    if (kv.totalSlots === 0 || need > kv.totalTokens) {
+    const need = w.promptLength + w.maxNewTokens;
+    if (!state.kv.fitsAtAll(need)) {
       reject.push({
         id: w.id,
         error: new ResourceExhaustedError(
           `request needs ${w.promptLength} prompt + ${w.maxNewTokens} new tokens of KV, more than the whole KV budget of ` +
-            `${kv.totalTokens} tokens in ${kv.totalSlots} slots (shard --kv-budget); lower max_new_tokens or the prompt`,
+            `${state.kv.tokensTotal} tokens in ${state.kv.slotsTotal} slots (shard --kv-budget); lower max_new_tokens or the prompt`,
         ),
       });
       continue;
     }
-    if (runningCount >= config.maxRunning || freeSlots === 0 || need > freeTokens) break;
+    if (runningCount >= config.maxRunning) break;
     // The last prompt token always runs: its logits give the first new token.
-    const cachedLength = Math.max(0, Math.min(w.cachedLength, w.promptLength - 1));
-    admit.push({ id: w.id, reserveTokens: w.promptLength + w.maxNewTokens, cachedLength });
-    freeSlots--;
-    freeTokens -= need;
+    const found =
+      config.prefixCacheEntries > 0 ? state.cache.match(w.history, w.promptLength - 1, (e) => budget.live(e)) : null;
+    const hit = found && found.length >= config.minPrefixMatch ? found : null;
+    if (!budget.makeRoom(need, hit?.entry ?? null)) break;
+    if (hit) budget.kept.add(hit.entry);
+    admit.push({
+      id: w.id,
+      slot: budget.takeSlot(need),
+      reserveTokens: need,
+      cachedLength: hit?.length ?? 0,
+      hit: hit?.entry ?? null,
+    });
     runningCount++;
   }
   return { admit, reject };
 }
 
-function planBatch(step: number, running: readonly RunningSeq[], config: SchedulerConfig): MicroBatchPlan | null {
+interface Schedulable {
+  id: string;
+  slot: number;
+  computed: number;
+  target: number;
+  inFlight: boolean;
+  lastScheduled: number;
+  arrival: number;
+  copy: { fromSlot: number; length: number } | null;
+}
+
+function planBatch(
+  id: number,
+  running: readonly SchedSeq[],
+  admitted: readonly Admission[],
+  state: SchedulerState,
+  config: SchedulerConfig,
+): MicroBatchPlan | null {
+  const seqs: Schedulable[] = running
+    .filter((s) => !s.ended)
+    .map((s) => ({
+      id: s.id,
+      slot: s.slot,
+      computed: s.computed,
+      target: prefillTarget(s),
+      inFlight: s.inFlight,
+      lastScheduled: s.lastScheduled,
+      arrival: s.arrival,
+      copy: s.pendingCopy,
+    }));
+  for (const a of admitted) {
+    const w = state.waiting.find((x) => x.id === a.id)!;
+    seqs.push({
+      id: a.id,
+      slot: a.slot,
+      computed: a.cachedLength,
+      target: prefillTarget(w),
+      inFlight: false,
+      lastScheduled: -1,
+      arrival: w.arrival,
+      copy: a.hit ? { fromSlot: a.hit.kv.slot, length: a.cachedLength } : null,
+    });
+  }
   const items: BatchItem[] = [];
   let tokens = 0;
-  const decoding = running.filter((s) => s.computed >= s.promptLength);
+  const decoding = seqs.filter((s) => s.computed >= s.target);
   const decodeCap = Math.min(Math.ceil(decoding.length / config.stages), config.maxBatchSeqs, config.maxBatchTokens);
   const readyDecodes = decoding
     .filter((s) => !s.inFlight)
     .sort((a, b) => a.lastScheduled - b.lastScheduled || a.arrival - b.arrival)
     .slice(0, decodeCap);
   for (const s of readyDecodes) {
-    items.push({ seqId: s.id, kind: 'decode', start: s.computed, count: 1, sample: true });
+    items.push({
+      seqId: s.id,
+      kind: 'decode',
+      slot: s.slot,
+      start: s.computed,
+      count: 1,
+      sample: true,
+      copyPrefix: null,
+    });
     tokens++;
   }
-  const prefilling = running
-    .filter((s) => !s.inFlight && s.computed < s.promptLength)
-    .sort((a, b) => a.arrival - b.arrival);
+  const prefilling = seqs.filter((s) => !s.inFlight && s.computed < s.target).sort((a, b) => a.arrival - b.arrival);
   for (const s of prefilling) {
     if (tokens >= config.maxBatchTokens || items.length >= config.maxBatchSeqs) break;
-    const count = Math.min(s.promptLength - s.computed, config.maxBatchTokens - tokens);
+    const count = Math.min(s.target - s.computed, config.maxBatchTokens - tokens);
     items.push({
       seqId: s.id,
       kind: 'prefill',
+      slot: s.slot,
       start: s.computed,
       count,
-      sample: s.computed + count === s.promptLength,
+      // A replayed prefill (after lost KV) ends one short of the history: its next token is known, nothing to draw.
+      sample: s.computed + count === s.target,
+      copyPrefix: s.copy,
     });
     tokens += count;
   }
-  return items.length === 0 ? null : { step, items, tokens };
+  return items.length === 0 ? null : { id, items, tokens };
+}
+
+/** Carries a plan out on the state (KV, cache, queue, running set, in-flight batches). */
+export function applyPlan<S extends SchedSeq>(state: SchedulerState<S>, plan: StepPlan): void {
+  const gone = new Set(plan.reject.map((r) => r.id));
+  for (const e of plan.evict) {
+    state.cache.remove(e);
+    state.kv.release(e.kv.owner);
+  }
+  for (const r of plan.release) {
+    const s = state.running.get(r.id)!;
+    if (r.cacheInsert) {
+      const c = r.cacheInsert;
+      state.kv.take(c.owner, c.toSlot, c.tokens.length);
+      const inserted = state.cache.insert(c.tokens, { owner: c.owner, slot: c.toSlot });
+      if (!inserted.adopted || inserted.evicted.length > 0)
+        throw new Error(`applyPlan: the cache did not take ${c.owner} as planned`);
+      state.nextCacheOwner = Math.max(state.nextCacheOwner, Number(c.owner.slice('cache:'.length)) + 1);
+    }
+    unpin(state, s);
+    state.kv.release(r.id);
+    state.running.delete(r.id);
+  }
+  for (const a of plan.admit) {
+    const i = state.waiting.findIndex((w) => w.id === a.id);
+    const s = state.waiting[i];
+    state.waiting.splice(i, 1);
+    state.kv.take(a.id, a.slot, a.reserveTokens);
+    s.slot = a.slot;
+    s.computed = a.cachedLength;
+    s.cachedTokens = a.cachedLength;
+    if (a.hit) {
+      state.cache.pin(a.hit);
+      state.cache.touch(a.hit);
+      s.pinned = a.hit;
+      s.pendingCopy = { fromSlot: a.hit.kv.slot, length: a.cachedLength };
+    }
+    state.running.set(s.id, s);
+  }
+  if (gone.size > 0) state.waiting = state.waiting.filter((w) => !gone.has(w.id));
+  if (plan.batch) {
+    state.step = plan.batch.id;
+    state.inFlight.set(plan.batch.id, plan.batch);
+    for (const item of plan.batch.items) {
+      const s = state.running.get(item.seqId)!;
+      s.inFlight = true;
+      s.lastScheduled = plan.batch.id;
+      if (item.copyPrefix) s.pendingCopy = null;
+    }
+  }
 }
 
 /**
- * The state after the coordinator carried out a decision: admitted requests run holding their KV reservation, the
- * batch's sequences are in flight. (A reference for the coordinator's loop and for tests.)
+ * A micro-batch's results are in: its sequences are free again and their KV has grown; the prefixes they copied are
+ * unpinned. Returns the items of sequences still running (cancelled ones are skipped).
  */
-export function applyDecision(state: SchedulerState, decision: ScheduleDecision): SchedulerState {
-  const gone = new Set([...decision.admit.map((a) => a.id), ...decision.reject.map((r) => r.id)]);
-  const admitted = admittedSeqs(state, decision.admit);
-  let reservedTokens = 0;
-  for (const a of decision.admit) reservedTokens += roundUpToBlocks(a.reserveTokens, state.kv.blockSize);
-  const inBatch = new Set(decision.batch?.items.map((i) => i.seqId) ?? []);
-  const running = [...state.running, ...admitted].map((s) =>
-    inBatch.has(s.id) ? { ...s, inFlight: true, lastScheduled: state.step } : s,
-  );
-  return {
-    ...state,
-    step: decision.batch ? state.step + 1 : state.step,
-    running,
-    waiting: state.waiting.filter((w) => !gone.has(w.id)),
-    inFlightBatches: state.inFlightBatches + (decision.batch ? 1 : 0),
-    kv: {
-      ...state.kv,
-      freeSlots: state.kv.freeSlots - decision.admit.length,
-      freeTokens: state.kv.freeTokens - reservedTokens,
-    },
-  };
+export function completeBatch<S extends SchedSeq>(
+  state: SchedulerState<S>,
+  batchId: number,
+): { item: BatchItem; seq: S }[] {
+  const plan = state.inFlight.get(batchId);
+  if (!plan) return [];
+  state.inFlight.delete(batchId);
+  const done: { item: BatchItem; seq: S }[] = [];
+  for (const item of plan.items) {
+    const s = state.running.get(item.seqId);
+    if (!s || s.ended) continue;
+    s.inFlight = false;
+    s.computed = item.start + item.count;
+    if (!s.pendingCopy) unpin(state, s);
+    done.push({ item, seq: s });
+  }
+  return done;
 }
 
-/** The state after a micro-batch's results came back: its sequences are free again and their KV has grown. */
-export function completeBatch(state: SchedulerState, batch: MicroBatchPlan): SchedulerState {
-  const byId = new Map(batch.items.map((i) => [i.seqId, i]));
-  return {
-    ...state,
-    running: state.running.map((s) => {
-      const item = byId.get(s.id);
-      return item ? { ...s, inFlight: false, computed: item.start + item.count } : s;
-    }),
-    inFlightBatches: state.inFlightBatches - 1,
-  };
+/** A micro-batch did not run (its sequences are ended by the caller, or run again): they are no longer in flight. */
+export function dropBatch<S extends SchedSeq>(state: SchedulerState<S>, batchId: number): S[] {
+  const plan = state.inFlight.get(batchId);
+  if (!plan) return [];
+  state.inFlight.delete(batchId);
+  const seqs: S[] = [];
+  for (const item of plan.items) {
+    const s = state.running.get(item.seqId);
+    if (!s) continue;
+    s.inFlight = false;
+    seqs.push(s);
+  }
+  return seqs;
+}
+
+/**
+ * Every stage's KV is lost (a stage died; the pipeline is reset): running sequences keep their slot reservation and
+ * token history and will be prefilled again from position 0; cached prefixes are dropped; nothing is in flight.
+ */
+export function loseAllKv<S extends SchedSeq>(state: SchedulerState<S>): void {
+  state.inFlight.clear();
+  for (const s of state.running.values()) {
+    s.inFlight = false;
+    s.computed = 0;
+    s.pendingCopy = null;
+    unpin(state, s);
+  }
+  for (const e of state.cache.all()) {
+    state.cache.remove(e);
+    state.kv.release(e.kv.owner);
+  }
+}
+
+/** Removes a request that is still waiting (cancelled before admission); undefined if it is not waiting. */
+export function dropWaiting<S extends SchedSeq>(state: SchedulerState<S>, id: string): S | undefined {
+  const i = state.waiting.findIndex((w) => w.id === id);
+  return i < 0 ? undefined : state.waiting.splice(i, 1)[0];
+}
+
+function unpin(state: SchedulerState, s: SchedSeq): void {
+  if (!s.pinned) return;
+  state.cache.unpin(s.pinned);
+  s.pinned = null;
 }

@@ -7,7 +7,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { loadEmu3Config } from '../../lib/model/config.js';
 import { type CodeGrid, understandingPromptIds } from '../../lib/prompt/prompt.js';
-import { InvalidArgument, ResourceExhausted, type RpcError, Unavailable } from '../../lib/rpc/errors.js';
+import { RpcError } from '../../lib/rpc/errors.js';
 import { implement, serverStream, unary } from '../../lib/rpc/handlers.js';
 import { HEALTH_PROTO } from '../../lib/rpc/health.js';
 import type { Logger } from '../../lib/rpc/log.js';
@@ -17,9 +17,17 @@ import type { ForwardResponse } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { Engine, type EngineEvent } from './engine.js';
-import { InvalidArgumentError, ResourceExhaustedError } from './errors.js';
-import { commonCapacity } from './kv-allocator.js';
+import {
+  InternalError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+  StageRefusedError,
+  statusOf,
+  UnavailableError,
+} from './errors.js';
+import { commonCapacity } from './kv-manager.js';
 import { PipelineClient } from './pipeline-client.js';
+import { Recovery } from './recovery.js';
 import {
   checkPromptLength,
   defaultLimits,
@@ -49,7 +57,6 @@ export interface CoordinatorOptions {
   maxBatchSeqs: number;
   /** Micro-batches in flight (default: the number of stages). */
   maxInFlight?: number;
-  blockSize: number;
   prefixCacheEntries: number;
   minPrefixMatch: number;
   maxImages: number;
@@ -59,6 +66,10 @@ export interface CoordinatorOptions {
   /** How long to wait for the shards' and the vq's first answer. */
   startTimeoutMs: number;
   drainTimeoutMs: number;
+  /** A stage not back this long after it was lost fails the requests the engine holds (UNAVAILABLE). Default 30 s. */
+  stageTimeoutMs?: number;
+  /** Times one request is prefilled again after lost KV before it fails. Default 3. */
+  maxRecoveries?: number;
   log: Logger;
   handleSignals?: boolean;
 }
@@ -86,9 +97,18 @@ function publicPackage(): protoLoader.PackageDefinition {
   });
 }
 
+/** The coordinator's typed errors as statuses; anything else is left to the wrapper, which answers INTERNAL. */
 function mapCoordinatorError(err: unknown): RpcError | undefined {
-  if (err instanceof InvalidArgumentError) return new InvalidArgument(err.message);
-  if (err instanceof ResourceExhaustedError) return new ResourceExhausted(err.message);
+  if (
+    err instanceof InvalidArgumentError ||
+    err instanceof ResourceExhaustedError ||
+    err instanceof UnavailableError ||
+    err instanceof StageRefusedError ||
+    err instanceof InternalError
+  ) {
+    const { code, message } = statusOf(err);
+    return new RpcError(code, message);
+  }
   return undefined;
 }
 
@@ -173,7 +193,7 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
             if (e.type === 'admitted') queueMs = e.queueMs;
             else if (e.type === 'delta')
               await send({ delta: { text: e.text, tokenIds: e.tokenIds, logprobs: e.logprobs } });
-            else if (e.type === 'error') throw mapCoordinatorError(e.error) ?? new Unavailable(e.error.message);
+            else if (e.type === 'error') throw mapCoordinatorError(e.error) ?? e.error;
             else {
               await send({
                 final: {
@@ -264,7 +284,8 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
   const log = opts.log;
   const config = loadEmu3Config(opts.modelDir);
   const tokenizer = loadTokenizer(opts.modelDir);
-  const pipeline = new PipelineClient(opts.shards, log);
+  // A new coordinator's epoch is larger than any earlier one's: the shards drop an older epoch's KV when it arrives.
+  const pipeline = new PipelineClient(opts.shards, log, Date.now());
   const vq = new VqClient(opts.vq);
   const { stages, shape } = await pipeline.describe(opts.startTimeoutMs, config.numHiddenLayers);
   await waitForVq(vq, opts.startTimeoutMs);
@@ -275,15 +296,20 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     ...opts.limits,
     contextLength: Math.min(config.maxPositionEmbeddings, shape.kvSlotTokens),
     maxImages: opts.maxImages,
-    maxTopK: Math.min(defaultLimits.maxTopK, shape.maxTopK || defaultLimits.maxTopK),
+    maxTopK: Math.min(opts.limits?.maxTopK ?? defaultLimits.maxTopK, shape.maxTopK || defaultLimits.maxTopK),
   };
+  const leaseMs = Math.min(...stages.map((s) => s.info.lease_ms || Number.POSITIVE_INFINITY));
   log.info('pipeline checked', {
     stages: stages.map((s) => `${s.address}[${s.info.layer_begin},${s.info.layer_end})`),
     fingerprint: shape.fingerprint.slice(0, 16),
     kvSlots: capacity.slots,
     kvTokens: capacity.tokens,
     contextLength: limits.contextLength,
+    epoch: pipeline.epoch,
+    leaseMs: Number.isFinite(leaseMs) ? leaseMs : null,
   });
+  const describeStage = (i: number) =>
+    `stage [${stages[i].info.layer_begin}, ${stages[i].info.layer_end}) at ${stages[i].address}`;
 
   let engine: Engine | null = null;
   const sink = await serve({
@@ -294,6 +320,8 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     drainTimeoutMs: 1000,
   });
   const replyTo = opts.sinkAdvertise ?? sink.address;
+  let closing = false;
+  let recovery: Recovery | null = null;
   engine = new Engine(
     {
       scheduler: {
@@ -301,65 +329,56 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
         maxBatchTokens: opts.maxBatchTokens,
         maxBatchSeqs: opts.maxBatchSeqs,
         maxRunning: capacity.slots,
+        prefixCacheEntries: opts.prefixCacheEntries,
+        minPrefixMatch: opts.minPrefixMatch,
       },
       kv: capacity,
-      blockSize: opts.blockSize,
       maxQueue: opts.maxQueue,
-      prefixCacheEntries: opts.prefixCacheEntries,
-      minPrefixMatch: opts.minPrefixMatch,
       tokenizer,
       eosId: tokenizer.roles.eos,
       replyTo,
-      onPipelineFailure: (reason) => {
-        log.error('micro-batch lost: keeping the sequences, bringing the pipeline back', { reason });
-        void recover();
-      },
+      maxRecoveries: opts.maxRecoveries,
+      onPipelineFailure: (reason) => recovery?.start(reason),
     },
     { send: (r) => pipeline.send(r) },
   );
   const running = engine;
-  let closing = false;
   const events = {
-    onAck: (ack: ForwardResponse) => running.onAck(ack),
+    onAck: (ack: ForwardResponse) => {
+      // Informational: whatever stopped a batch also reached the ResultSink as a StepResult.
+      if (ack.error)
+        log.warn('stage 0 did not run a micro-batch', { microBatch: ack.micro_batch_id, error: ack.error });
+    },
     onBroken: (err: Error) => {
-      if (closing) return;
-      log.error('pipeline broken: keeping the sequences, waiting for every stage to answer again', {
-        error: err.message,
-      });
-      running.suspend();
-      void recover();
+      if (!closing) running.pipelineLost(err.message);
     },
   };
-  // DESIGN.md §6: wait for the stage (or a replacement at the same address), drop every stage's KV, reopen the
-  // stream and prefill the live sequences again from their token history.
-  let recovering = false;
-  const recover = async (): Promise<void> => {
-    if (recovering) return;
-    recovering = true;
-    try {
-      await bringBack();
-    } finally {
-      recovering = false;
-    }
-  };
-  const bringBack = async (): Promise<void> => {
-    for (let attempt = 1; !closing; attempt++) {
-      try {
-        const again = await pipeline.describe(2000, config.numHiddenLayers);
-        if (again.shape.fingerprint !== shape.fingerprint)
-          throw new Error(`the stages now serve checkpoint ${again.shape.fingerprint}, not ${shape.fingerprint}`);
-        await pipeline.resetAll();
-        if (!pipeline.isOpen) pipeline.open(events);
-        running.resume();
-        log.info('pipeline back', { attempt });
-        return;
-      } catch (err) {
-        if (attempt % 10 === 1) log.warn('pipeline still down', { attempt, error: (err as Error).message });
-        await new Promise((r) => setTimeout(r, 500));
-      }
-    }
-  };
+  let publicServer: RunningServer | null = null;
+  recovery = new Recovery({
+    pipeline,
+    engine: running,
+    describeStage,
+    verify: async () => {
+      const again = await pipeline.describe(2000, config.numHiddenLayers);
+      if (again.shape.fingerprint !== shape.fingerprint)
+        throw new Error(`the stages now serve checkpoint ${again.shape.fingerprint}, not ${shape.fingerprint}`);
+    },
+    reopen: () => pipeline.open(events),
+    setServing: (serving) => {
+      if (closing || !publicServer) return;
+      const status = serving ? 'SERVING' : 'NOT_SERVING';
+      publicServer.health.set(PUBLIC_SERVICE, status);
+      publicServer.health.set('', status);
+    },
+    stageTimeoutMs: opts.stageTimeoutMs ?? 30_000,
+    log,
+  });
   pipeline.open(events);
+  // Keeps the shards' coordinator lease: with no message for lease_ms they free this coordinator's KV.
+  const heartbeat = Number.isFinite(leaseMs)
+    ? setInterval(() => running.heartbeat(), Math.max(50, Math.floor(leaseMs / 4)))
+    : null;
+  heartbeat?.unref();
 
   // Per-stage compute over time, for bubble (idle) metrics: a line a second while micro-batches run.
   let lastBatches = 0;
@@ -397,14 +416,20 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     maxReceiveMessageBytes: opts.maxMessageBytes,
     drainTimeoutMs: opts.drainTimeoutMs,
     handleSignals: opts.handleSignals,
+    onDrainStart: () => running.beginDrain(),
+    onDrainTimeout: () => running.cancelRunning(),
     onClose: async () => {
       closing = true;
+      recovery.close();
+      if (heartbeat) clearInterval(heartbeat);
       clearInterval(statsTimer);
       pipeline.close();
       vq.close();
       await sink.shutdown('coordinator stopped');
     },
   });
+  publicServer = server;
+  recovery.watch();
   return {
     server,
     sinkAddress: sink.address,

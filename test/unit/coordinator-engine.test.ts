@@ -5,11 +5,16 @@
 // pipeline of stages.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import type { ForwardRequest, KvCommand, MicroBatch, StepResult, Tensor } from '../../lib/rpc/shard-wire.js';
+import type { KvCommand, MicroBatch, StageError, StepResult, Tensor } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
-import { Engine, type EngineEvent, type GenerateJob } from '../../services/coordinator/engine.js';
-import { ResourceExhaustedError } from '../../services/coordinator/errors.js';
+import { Engine, type EngineEvent, type GenerateJob, type Outgoing } from '../../services/coordinator/engine.js';
+import {
+  InternalError,
+  ResourceExhaustedError,
+  StageRefusedError,
+  UnavailableError,
+} from '../../services/coordinator/errors.js';
 import { chatDefaults, type ValidSampling } from '../../services/coordinator/request-validation.js';
 import { makeTokenizerDir, removeDir } from './tokenizer-fixture.js';
 
@@ -33,9 +38,11 @@ function hash(ids: readonly number[]): number {
 
 class FakePipeline {
   readonly slots: number[][];
-  readonly log: ForwardRequest[] = [];
+  /** The last stage's penalised set per slot, kept from SamplingSide deltas as a real last stage keeps it. */
+  readonly penalised: Set<number>[];
+  readonly log: Outgoing[] = [];
   /** Requests not yet applied, in stream order (a KvCommand takes effect after the batches sent before it). */
-  private readonly pending: ForwardRequest[] = [];
+  private readonly pending: Outgoing[] = [];
   private batchesPending = 0;
   engine!: Engine;
   constructor(
@@ -44,8 +51,10 @@ class FakePipeline {
     private readonly ids: number[],
   ) {
     this.slots = Array.from({ length: slots }, () => []);
+    this.penalised = Array.from({ length: slots }, () => new Set());
   }
-  send(r: ForwardRequest): void {
+  send(r: Outgoing): void {
+    if ('heartbeat' in r) return;
     this.log.push(r);
     this.pending.push(r);
     if (!('batch' in r)) {
@@ -60,16 +69,24 @@ class FakePipeline {
     while (this.pending.length > 0 && 'kv' in this.pending[0]) {
       const { kv } = this.pending.shift() as { kv: KvCommand };
       for (const c of kv.copies) this.slots[c.to_slot] = this.slots[c.from_slot].slice(0, c.length);
-      for (const s of kv.free_slots) this.slots[s] = [];
+      for (const s of kv.free_slots) {
+        this.slots[s] = [];
+        this.penalised[s].clear();
+      }
     }
   }
-  /** The next micro-batch is lost on its way (a StepResult with an error). */
-  failNext = false;
+  /** The next micro-batch is lost on its way (a StepResult with this error). */
+  failNext: StageError | null = null;
+  /** Items this stage refuses (removed from the batch and reported as REFUSED, the rest runs). */
+  refuse: (sequenceId: number) => boolean = () => false;
   /** Every stage restarts: KV and queued work are gone. */
   crash(): void {
     this.pending.length = 0;
     this.batchesPending = 0;
-    for (let i = 0; i < this.slots.length; i++) this.slots[i] = [];
+    for (let i = 0; i < this.slots.length; i++) {
+      this.slots[i] = [];
+      this.penalised[i].clear();
+    }
   }
   tokensInUse(): number {
     return this.slots.reduce((n, s) => n + s.length, 0);
@@ -81,15 +98,33 @@ class FakePipeline {
     this.batchesPending--;
     const b = next.batch;
     if (this.failNext) {
-      this.failNext = false;
-      const error = `stage [0, 2) could not pass micro-batch ${b.micro_batch_id} on: stream ended`;
-      this.engine.onStepResult({ micro_batch_id: b.micro_batch_id, results: [], stage_compute_ms: [], error });
+      const error = this.failNext;
+      this.failNext = null;
+      this.engine.onStepResult({
+        micro_batch_id: b.micro_batch_id,
+        results: [],
+        stage_compute_ms: [],
+        error,
+        refusals: [],
+      });
       return;
     }
     let at = 0;
     const results: StepResult['results'] = [];
+    const refusals: StageError[] = [];
     let side = 0;
     for (const item of b.items) {
+      if (this.refuse(item.sequence_id)) {
+        at += item.token_count;
+        if (item.sample) side++;
+        refusals.push({
+          kind: 'STAGE_ERROR_KIND_REFUSED',
+          message: `stage [0, 2): items[?].slot ${item.slot} refused for the test`,
+          sequence_id: item.sequence_id,
+          status_code: 3,
+        });
+        continue;
+      }
       if (item.copy_prefix) {
         assert.equal(item.copy_prefix.length, item.start_position, 'copy_prefix.length = start_position');
         this.slots[item.slot] = this.slots[item.copy_prefix.from_slot].slice(0, item.copy_prefix.length);
@@ -102,10 +137,25 @@ class FakePipeline {
       const s: MicroBatch['sampling'][number] = b.sampling[side++];
       assert.equal(s.sequence_id, item.sequence_id);
       assert.equal(s.mask, 'MASK_KIND_TEXT');
+      if (s.repetition_penalty !== 1) {
+        if (s.penalty_reset) this.penalised[item.slot].clear();
+        for (const id of s.penalised_ids) this.penalised[item.slot].add(id);
+        assert.deepEqual(
+          [...this.penalised[item.slot]].sort((x, y) => x - y),
+          [...new Set(kv)].sort((x, y) => x - y),
+          `sequence ${item.sequence_id}: the kept penalised set is its whole history`,
+        );
+      } else assert.deepEqual(s.penalised_ids, []);
       results.push({ sequence_id: item.sequence_id, ...this.row(kv, s.top_k, s.full_row, s.temperature) });
     }
     this.applyKvCommands();
-    this.engine.onStepResult({ micro_batch_id: b.micro_batch_id, results, stage_compute_ms: [1, 1], error: '' });
+    this.engine.onStepResult({
+      micro_batch_id: b.micro_batch_id,
+      results,
+      stage_compute_ms: [1, 1],
+      error: null,
+      refusals,
+    });
   }
   private row(kv: number[], k: number, full: boolean, temperature: number) {
     const h = hash(kv);
@@ -148,12 +198,16 @@ function setup(
   const pipe = new FakePipeline(opts.slots ?? 48, opts.stages ?? 2, ids);
   const engine = new Engine(
     {
-      scheduler: { stages: opts.stages ?? 2, maxBatchTokens: 32, maxBatchSeqs: 16, maxRunning: opts.slots ?? 48 },
+      scheduler: {
+        stages: opts.stages ?? 2,
+        maxBatchTokens: 32,
+        maxBatchSeqs: 16,
+        maxRunning: opts.slots ?? 48,
+        prefixCacheEntries: opts.cache ?? 0,
+        minPrefixMatch: 4,
+      },
       kv: { slots: opts.slots ?? 48, tokens: opts.tokens ?? 48 * 256 },
-      blockSize: 16,
       maxQueue: opts.queue ?? 64,
-      prefixCacheEntries: opts.cache ?? 0,
-      minPrefixMatch: 4,
       tokenizer: tok,
       eosId: EOS,
       replyTo: 'test',
@@ -330,7 +384,12 @@ test('a pipeline failure mid-answer: sequences are prefilled again from their hi
   while (stormy.filter((r) => r.answer.ids.length > 0).length < 3) await new Promise((r) => setImmediate(r));
   assert.ok(engine.stats().running === 6, 'the failure hits decoding sequences');
   pipe.crash();
-  engine.suspend();
+  engine.pipelineLost('test: every stage restarted');
+  assert.throws(
+    () => run(engine, prompt(5, 1), sampling(), 3),
+    UnavailableError,
+    'new requests are refused while down',
+  );
   await new Promise((r) => setTimeout(r, 10));
   engine.resume();
   const answers = await Promise.all(stormy.map((r) => r.done));
@@ -357,6 +416,13 @@ test('LRU eviction under a full prefix cache never loses a cached prefix still t
   assert.equal(pipe.tokensInUse(), engine.stats().cacheTokens);
 });
 
+const lost: StageError = {
+  kind: 'STAGE_ERROR_KIND_STAGE_LOST',
+  message: 'stage [0, 2) lost micro-batch: Forward stream to 127.0.0.1:1 ended',
+  sequence_id: 0,
+  status_code: 0,
+};
+
 test('a lost micro-batch: the engine suspends, the pipeline is reset, answers continue unchanged', async () => {
   const s = sampling({ temperature: 0.7, topK: 8, ignoreEos: true });
   const calm = await Promise.all([1, 2, 3].map((i) => run(setup().engine, prompt(30 + i, i), s, 20, i).done));
@@ -372,7 +438,7 @@ test('a lost micro-batch: the engine suspends, the pipeline is reset, answers co
   Object.assign(box, { engine, pipe });
   const stormy = [1, 2, 3].map((i) => run(engine, prompt(30 + i, i), s, 20, i));
   while (stormy.every((r) => r.answer.ids.length < 5)) await new Promise((r) => setImmediate(r));
-  pipe.failNext = true;
+  pipe.failNext = lost;
   const answers = await Promise.all(stormy.map((r) => r.done));
   assert.equal(failures, 1);
   answers.forEach((a, i) => {
@@ -383,9 +449,11 @@ test('a lost micro-batch: the engine suspends, the pipeline is reset, answers co
   const bare = setup();
   const doomed = run(bare.engine, prompt(10, 1), s, 50, 1);
   while (doomed.answer.ids.length < 2) await new Promise((r) => setImmediate(r));
-  bare.pipe.failNext = true;
+  bare.pipe.failNext = lost;
   const failed = await doomed.done;
-  assert.match(failed.error?.message ?? '', /could not finish micro-batch \d+: stage \[0, 2\)/);
+  assert.ok(failed.error instanceof UnavailableError);
+  assert.match(failed.error.message, /stage \[0, 2\) lost micro-batch/);
+  await new Promise((r) => setTimeout(r, 10));
   assert.equal(bare.pipe.tokensInUse(), 0);
 });
 
@@ -415,4 +483,128 @@ test('top_logprobs: each token comes with its logprob and the n best alternative
     assert.ok(lp.top[0].logprob >= lp.top[1].logprob && lp.top[1].logprob >= lp.top[2].logprob);
     assert.ok(lp.logprob <= 0);
   }
+});
+
+test('a refusal inside a batch of 8 ends only that request, with the stage status; the other 7 are untouched', async () => {
+  const s = sampling({ ignoreEos: true });
+  const prompts = Array.from({ length: 8 }, (_, i) => prompt(6 + i, 40 + i));
+  const solo: Answer[] = [];
+  for (const p of prompts) solo.push(await run(setup().engine, p, s, 12).done);
+  let failures = 0;
+  const { engine, pipe } = setup({ onFailure: () => failures++ });
+  const reqs = prompts.map((p) => run(engine, p, s, 12));
+  const victim = Number(reqs[3].handle.id);
+  let sent = 0;
+  pipe.refuse = (id) => id === victim && ++sent === 3; // refused mid-answer, in a batch with the others
+  const answers = await Promise.all(reqs.map((r) => r.done));
+  assert.ok(answers[3].error instanceof StageRefusedError);
+  assert.equal((answers[3].error as StageRefusedError).code, 3);
+  assert.match(answers[3].error!.message, /stage \[0, 2\).*refused for the test/);
+  answers.forEach((a, i) => {
+    if (i === 3) return;
+    assert.equal(a.error, undefined, `request ${i}`);
+    assert.deepEqual(a.ids, solo[i].ids, `request ${i} is unchanged`);
+  });
+  assert.equal(failures, 0, 'a refusal never resets the pipeline');
+  assert.equal(engine.stats().refusals, 1);
+  assert.equal(pipe.tokensInUse(), 0);
+});
+
+test('an INTERNAL batch error ends that batch with INTERNAL, later requests run, the pipeline is not reset', async () => {
+  let failures = 0;
+  const { engine, pipe } = setup({ onFailure: () => failures++ });
+  const doomed = run(engine, prompt(8, 2), sampling({ ignoreEos: true }), 30);
+  while (doomed.answer.ids.length < 2) await new Promise((r) => setImmediate(r));
+  pipe.failNext = {
+    kind: 'STAGE_ERROR_KIND_INTERNAL',
+    message: 'stage [2, 4): ORT failed',
+    sequence_id: 0,
+    status_code: 0,
+  };
+  const failed = await doomed.done;
+  assert.ok(failed.error instanceof InternalError);
+  assert.match(failed.error.message, /ORT failed/);
+  const next = await run(engine, prompt(8, 3), sampling({ ignoreEos: true }), 4).done;
+  assert.equal(next.final?.usage.completionTokens, 4);
+  assert.equal(failures, 0);
+  assert.equal(pipe.tokensInUse(), 0);
+});
+
+test('the queue bound counts only requests that cannot be admitted now; cached prefixes give their slots up', async () => {
+  const { engine, pipe } = setup({ slots: 4, cache: 8, queue: 4 });
+  for (let i = 0; i < 4; i++) await run(engine, prompt(20, 200 + i), sampling({ ignoreEos: true }), 2).done;
+  // The 4th prompt's copy needs a slot beside its own: one older entry made room.
+  assert.equal(engine.stats().cacheEntries, 3, 'cached prompts hold three of the four slots');
+  const reqs: ReturnType<typeof run>[] = [];
+  let refused = 0;
+  for (let i = 0; i < 40; i++) {
+    try {
+      reqs.push(run(engine, prompt(10, 300 + i), sampling({ ignoreEos: true }), 3));
+    } catch (err) {
+      assert.ok(err instanceof ResourceExhaustedError);
+      assert.match(err.message, /--max-queue = 4/);
+      refused++;
+    }
+  }
+  assert.equal(reqs.length, 8, '4 running (the cache gave its slots up) + 4 waiting');
+  assert.equal(refused, 32);
+  for (const a of await Promise.all(reqs.map((r) => r.done))) assert.equal(a.final?.usage.completionTokens, 3);
+  assert.equal(pipe.tokensInUse(), engine.stats().cacheTokens);
+});
+
+test('the repetition penalty set goes once, then as deltas, and whole again after lost KV', async () => {
+  const s = sampling({ repetitionPenalty: 1.3, temperature: 0.7, topK: 6, ignoreEos: true });
+  const calm = await run(setup().engine, prompt(25, 4), s, 30, 5).done;
+  const { engine, pipe } = setup();
+  const r = run(engine, prompt(25, 4), s, 30, 5);
+  while (r.answer.ids.length < 10) await new Promise((res) => setImmediate(res));
+  pipe.crash();
+  engine.pipelineLost('test: every stage restarted');
+  await new Promise((res) => setTimeout(res, 5));
+  engine.resume();
+  const a = await r.done;
+  assert.deepEqual(a.ids, calm.ids, 'same tokens through the recovery');
+  const sides = pipe.log.flatMap((m) => ('batch' in m ? m.batch.sampling : []));
+  assert.equal(sides.filter((x) => x.penalty_reset).length, 2, 'the whole set twice: at the start and after the loss');
+  assert.ok(
+    sides.filter((x) => !x.penalty_reset).every((x) => x.penalised_ids.length <= 1),
+    'then one id a step',
+  );
+});
+
+test('10,000 cancelled requests (queued, prefilling, decoding) leave no KV held anywhere', async () => {
+  const { engine, pipe } = setup({ slots: 16, queue: 10_000 });
+  const handles = [];
+  for (let i = 0; i < 10_000; i++) {
+    handles.push(run(engine, prompt(4 + (i % 30), i), sampling({ ignoreEos: true }), 50));
+    if (i % 7 === 0) await new Promise((r) => setImmediate(r));
+    if (i % 3 === 0) handles[i - (i % 5)].handle.cancel();
+  }
+  for (const h of handles) h.handle.cancel();
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(engine.stats().running, 0);
+  assert.equal(engine.stats().queued, 0);
+  assert.equal(engine.stats().kvSlotsInUse, 0);
+  assert.equal(pipe.tokensInUse(), 0);
+  const next = await run(engine, prompt(6, 1), sampling({ ignoreEos: true }), 3).done;
+  assert.equal(next.final?.usage.completionTokens, 3);
+});
+
+test('drain: new requests are refused, waiting ones end CANCELLED, running ones finish or end CANCELLED', async () => {
+  const { engine, pipe } = setup({ slots: 2 });
+  const a = run(engine, prompt(8, 1), sampling({ ignoreEos: true }), 6);
+  const b = run(engine, prompt(8, 2), sampling({ ignoreEos: true }), 5000);
+  const waiting = run(engine, prompt(8, 3), sampling({ ignoreEos: true }), 5);
+  while (b.answer.ids.length < 3) await new Promise((r) => setImmediate(r));
+  engine.beginDrain();
+  assert.throws(() => run(engine, prompt(4, 4), sampling(), 2), UnavailableError);
+  assert.equal((await waiting.done).final?.finishReason, 'FINISH_REASON_CANCELLED');
+  assert.equal((await a.done).final?.finishReason, 'FINISH_REASON_LENGTH', 'a short answer finishes');
+  engine.cancelRunning();
+  const cut = await b.done;
+  assert.equal(cut.final?.finishReason, 'FINISH_REASON_CANCELLED');
+  assert.equal(cut.final?.usage.completionTokens, cut.ids.length);
+  await new Promise((r) => setTimeout(r, 10));
+  assert.ok(engine.idle);
+  assert.equal(pipe.tokensInUse(), 0);
 });

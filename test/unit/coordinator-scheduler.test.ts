@@ -1,14 +1,22 @@
+// The planner and the transition functions the engine runs (planStep → applyPlan → completeBatch), driven here as
+// the engine drives them, with the invariants checked on every step: KV never over-committed, no slot held twice,
+// a sequence in at most one in-flight micro-batch, prefill chunks contiguous, cached prefixes never keeping a
+// request out.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ResourceExhaustedError } from '../../services/coordinator/errors.js';
+import { KvManager } from '../../services/coordinator/kv-manager.js';
+import { PrefixCache } from '../../services/coordinator/prefix-cache.js';
 import {
-  applyDecision,
+  applyPlan,
+  type CacheKv,
   completeBatch,
+  loseAllKv,
   type MicroBatchPlan,
+  planStep,
+  type SchedSeq,
   type SchedulerConfig,
   type SchedulerState,
-  schedule,
-  type WaitingRequest,
 } from '../../services/coordinator/scheduler.js';
 
 const config = (c: Partial<SchedulerConfig> = {}): SchedulerConfig => ({
@@ -16,105 +24,126 @@ const config = (c: Partial<SchedulerConfig> = {}): SchedulerConfig => ({
   maxBatchTokens: 64,
   maxBatchSeqs: 16,
   maxRunning: 100,
+  prefixCacheEntries: 0,
+  minPrefixMatch: 4,
   ...c,
 });
 
-function initial(waiting: WaitingRequest[], kv: { slots: number; tokens: number; blockSize?: number }): SchedulerState {
-  return {
-    step: 0,
-    running: [],
-    waiting,
-    inFlightBatches: 0,
-    kv: {
-      freeSlots: kv.slots,
-      freeTokens: kv.tokens,
-      totalSlots: kv.slots,
-      totalTokens: kv.tokens,
-      blockSize: kv.blockSize ?? 16,
-    },
-  };
+class Seq implements SchedSeq {
+  history: number[];
+  slot = -1;
+  computed = 0;
+  inFlight = false;
+  lastScheduled = -1;
+  cachedTokens = 0;
+  pendingCopy: SchedSeq['pendingCopy'] = null;
+  pinned: SchedSeq['pinned'] = null;
+  ended: SchedSeq['ended'] = null;
+  generated = 0;
+  constructor(
+    readonly id: string,
+    prompt: number[],
+    readonly maxNewTokens: number,
+    readonly arrival: number,
+  ) {
+    this.history = [...prompt];
+  }
+  get promptLength(): number {
+    return this.history.length - this.generated;
+  }
 }
 
-const req = (id: string, promptLength: number, maxNewTokens: number, arrival: number, cachedLength = 0) => ({
-  id,
-  promptLength,
-  maxNewTokens,
-  cachedLength,
-  arrival,
-});
+const tokens = (n: number, salt = 0) => Array.from({ length: n }, (_, i) => 1000 + ((i * 7 + salt) % 500));
+const req = (id: string, promptLength: number, maxNew: number, arrival: number, salt = arrival) =>
+  new Seq(id, tokens(promptLength, salt), maxNew, arrival);
+
+function initial(
+  waiting: Seq[],
+  kv: { slots: number; tokens: number },
+  cfg: SchedulerConfig = config(),
+): SchedulerState<Seq> {
+  return {
+    step: 0,
+    waiting,
+    running: new Map(),
+    inFlight: new Map(),
+    kv: new KvManager(kv),
+    cache: new PrefixCache<CacheKv>({ maxEntries: Math.max(1, cfg.prefixCacheEntries), minMatch: cfg.minPrefixMatch }),
+    nextCacheOwner: 1,
+  };
+}
 
 interface Trace {
   batches: MicroBatchPlan[];
   finishedAt: Map<string, number>;
   admittedAt: Map<string, number>;
   rejected: Map<string, ResourceExhaustedError>;
+  cachedAtAdmission: Map<string, number>;
+}
+
+function checkInvariants(state: SchedulerState<Seq>): void {
+  const kv = state.kv.stats();
+  assert.ok(kv.slotsInUse <= kv.slotsTotal && kv.tokensReserved <= kv.tokensTotal, 'KV over-committed');
+  const slots = [...state.running.values()].map((s) => s.slot).concat(state.cache.all().map((e) => e.kv.slot));
+  assert.equal(new Set(slots).size, slots.length, `a slot held twice: ${slots}`);
+  assert.equal(slots.length, kv.slotsInUse, 'every held slot has one owner');
+  const inFlight = [...state.inFlight.values()].flatMap((b) => b.items.map((i) => i.seqId));
+  assert.equal(new Set(inFlight).size, inFlight.length, 'a sequence in two in-flight micro-batches');
 }
 
 /**
- * Drives schedule() like the coordinator's loop: results come back oldest micro-batch first (a pipeline), a
- * sequence finishes after maxNewTokens sampled tokens and gives its KV back. Checks the invariants on every step.
+ * Drives the planner like the engine: results come back oldest micro-batch first (a pipeline), a sampled item
+ * appends a token, a sequence ends after maxNewTokens and the next plan releases it.
  */
 function simulate(
-  state: SchedulerState,
+  state: SchedulerState<Seq>,
   cfg: SchedulerConfig,
-  arrivals: Map<number, WaitingRequest[]> = new Map(),
+  arrivals: Map<number, Seq[]> = new Map(),
   maxSteps = 10000,
 ): Trace {
-  const trace: Trace = { batches: [], finishedAt: new Map(), admittedAt: new Map(), rejected: new Map() };
-  const inFlight: MicroBatchPlan[] = [];
-  const info = new Map<string, { maxNew: number; generated: number; reserved: number; nextPrefill: number }>();
-  const pending = new Map([...state.waiting].map((w) => [w.id, w]));
+  const trace: Trace = {
+    batches: [],
+    finishedAt: new Map(),
+    admittedAt: new Map(),
+    rejected: new Map(),
+    cachedAtAdmission: new Map(),
+  };
+  const nextPrefill = new Map<string, number>();
+  const lastArrival = Math.max(0, ...arrivals.keys());
   for (let t = 0; t < maxSteps; t++) {
-    for (const w of arrivals.get(t) ?? []) pending.set(w.id, w);
-    state = { ...state, waiting: [...state.waiting, ...(arrivals.get(t) ?? [])] };
-    const d = schedule(state, cfg);
-    for (const r of d.reject) trace.rejected.set(r.id, r.error);
-    for (const a of d.admit) {
-      const w = pending.get(a.id)!;
+    state.waiting.push(...(arrivals.get(t) ?? []));
+    const plan = planStep(state, cfg);
+    for (const r of plan.reject) trace.rejected.set(r.id, r.error);
+    for (const a of plan.admit) {
       trace.admittedAt.set(a.id, t);
-      info.set(a.id, {
-        maxNew: w.maxNewTokens,
-        generated: 0,
-        reserved: Math.ceil(a.reserveTokens / state.kv.blockSize) * state.kv.blockSize,
-        nextPrefill: a.cachedLength,
-      });
+      trace.cachedAtAdmission.set(a.id, a.cachedLength);
+      nextPrefill.set(a.id, a.cachedLength);
     }
-    if (d.batch) {
-      const ids = d.batch.items.map((i) => i.seqId);
-      assert.equal(new Set(ids).size, ids.length, 'a sequence twice in one micro-batch');
-      for (const b of inFlight)
-        for (const i of b.items) assert.ok(!ids.includes(i.seqId), `${i.seqId} already in flight in step ${b.step}`);
-      assert.ok(d.batch.tokens <= cfg.maxBatchTokens && ids.length <= cfg.maxBatchSeqs);
-      for (const i of d.batch.items) {
-        const s = info.get(i.seqId)!;
-        if (i.kind === 'prefill') {
-          assert.equal(i.start, s.nextPrefill, `${i.seqId} prefill chunks are contiguous`);
-          s.nextPrefill += i.count;
-        }
+    if (plan.batch) {
+      for (const i of plan.batch.items) {
+        if (i.kind !== 'prefill') continue;
+        assert.equal(i.start, nextPrefill.get(i.seqId), `${i.seqId} prefill chunks are contiguous`);
+        nextPrefill.set(i.seqId, i.start + i.count);
       }
-      trace.batches.push(d.batch);
-      inFlight.push(d.batch);
+      assert.ok(plan.batch.tokens <= cfg.maxBatchTokens && plan.batch.items.length <= cfg.maxBatchSeqs);
+      trace.batches.push(plan.batch);
     }
-    state = applyDecision(state, d);
-    assert.ok(state.inFlightBatches <= cfg.stages);
-    assert.ok(state.kv.freeSlots >= 0 && state.kv.freeTokens >= 0, 'KV over-committed');
-    if (!d.batch || state.inFlightBatches === cfg.stages) {
-      const done = inFlight.shift();
-      if (!done) {
-        if (state.waiting.length === 0 && state.running.length === 0 && t > Math.max(0, ...arrivals.keys())) break;
+    applyPlan(state, plan);
+    checkInvariants(state);
+    assert.ok(state.inFlight.size <= cfg.stages);
+    if (!plan.batch || state.inFlight.size === cfg.stages) {
+      const oldest = Math.min(...state.inFlight.keys());
+      if (!Number.isFinite(oldest)) {
+        if (state.waiting.length === 0 && state.running.size === 0 && t > lastArrival) break;
         continue;
       }
-      state = completeBatch(state, done);
-      for (const i of done.items) {
-        if (!i.sample) continue;
-        const s = info.get(i.seqId)!;
-        if (++s.generated === s.maxNew) {
-          state = {
-            ...state,
-            running: state.running.filter((r) => r.id !== i.seqId),
-            kv: { ...state.kv, freeSlots: state.kv.freeSlots + 1, freeTokens: state.kv.freeTokens + s.reserved },
-          };
-          trace.finishedAt.set(i.seqId, t);
+      for (const { item, seq } of completeBatch(state, oldest)) {
+        if (!item.sample || seq.computed < seq.history.length) continue;
+        seq.history.push(7);
+        seq.generated++;
+        if (seq.generated === seq.maxNewTokens) {
+          seq.ended = 'finished';
+          trace.finishedAt.set(seq.id, t);
         }
       }
     }
@@ -128,9 +157,8 @@ test('decodes go first and a long prompt is prefilled in chunks beside them', ()
   const withLong = tr.batches.filter((b) => b.items.some((i) => i.seqId === 'long' && i.kind === 'prefill'));
   assert.ok(withLong.length >= 5, 'the 300-token prompt takes several chunks');
   for (const b of withLong.slice(1)) {
-    // From step 1 on, "short" has its prompt done and is decoding.
     const decode = b.items.find((i) => i.seqId === 'short');
-    assert.equal(decode?.kind, 'decode', `step ${b.step}: the running decode is not stalled`);
+    assert.equal(decode?.kind, 'decode', `batch ${b.id}: the running decode is not stalled`);
     assert.equal(b.items[0].kind, 'decode', 'decodes come first');
     if (b !== withLong[withLong.length - 1])
       assert.equal(b.tokens, 64, 'the prefill chunk fills the rest of the budget');
@@ -148,29 +176,19 @@ test('decodes go first and a long prompt is prefilled in chunks beside them', ()
   assert.equal(tr.finishedAt.size, 2);
 });
 
-test('a cached prefix is not prefilled again', () => {
-  const tr = simulate(initial([req('a', 100, 1, 0, 90)], { slots: 1, tokens: 1024 }), config());
-  const first = tr.batches[0].items[0];
-  assert.deepEqual(first, { seqId: 'a', kind: 'prefill', start: 90, count: 10, sample: true });
-  const whole = simulate(initial([req('b', 100, 1, 0, 100)], { slots: 1, tokens: 1024 }), config());
-  assert.deepEqual(whole.batches[0].items[0], { seqId: 'b', kind: 'prefill', start: 99, count: 1, sample: true });
-});
-
 test('decoders are spread over the S micro-batches in flight', () => {
   const state = initial(
-    Array.from({ length: 32 }, (_, i) => req(`r${i}`, 1, 100, i, 0)),
+    Array.from({ length: 32 }, (_, i) => req(`r${i}`, 1, 100, i)),
     { slots: 64, tokens: 1 << 20 },
   );
-  const cfg = config({ stages: 2, maxBatchSeqs: 64, maxBatchTokens: 512 });
-  const tr = simulate(state, cfg);
-  const steady = tr.batches.slice(4, 40);
-  for (const b of steady) assert.equal(b.items.length, 16, `step ${b.step} holds half of the 32 decoders`);
+  const tr = simulate(state, config({ stages: 2, maxBatchSeqs: 64, maxBatchTokens: 512 }));
+  for (const b of tr.batches.slice(4, 40)) assert.equal(b.items.length, 16, `batch ${b.id} holds half the decoders`);
 });
 
 test('no decode starves when there are more decoders than a micro-batch holds', () => {
   const n = 40;
   const cfg = config({ stages: 2, maxBatchSeqs: 8, maxBatchTokens: 64 });
-  const arrivals = new Map<number, WaitingRequest[]>();
+  const arrivals = new Map<number, Seq[]>();
   for (let t = 5; t < 200; t += 7) arrivals.set(t, [req(`late${t}`, 120, 3, 1000 + t)]);
   const tr = simulate(
     initial(
@@ -185,42 +203,43 @@ test('no decode starves when there are more decoders than a micro-batch holds', 
   for (const b of tr.batches)
     for (const i of b.items) {
       if (i.kind !== 'decode') continue;
-      if (last.has(i.seqId)) worstGap = Math.max(worstGap, b.step - last.get(i.seqId)!);
-      last.set(i.seqId, b.step);
+      if (last.has(i.seqId)) worstGap = Math.max(worstGap, b.id - last.get(i.seqId)!);
+      last.set(i.seqId, b.id);
     }
-  // 40 decoders, 8 per micro-batch: each waits at most ~40/8 micro-batches (+1 for in-flight slack).
   assert.ok(worstGap <= 6, `a decoder waited ${worstGap} micro-batches`);
   for (let i = 0; i < n; i++) assert.ok(tr.finishedAt.has(`d${i}`));
   for (const id of [...arrivals.values()].flat().map((w) => w.id)) assert.ok(tr.finishedAt.has(id), `${id} finished`);
 });
 
 test('admission only with KV capacity, FIFO without overtaking; freed KV admits the next', () => {
-  // 48 tokens = 3 blocks of 16: a needs 1 block, big 3, small 1.
-  const state = initial([req('a', 10, 6, 0), req('big', 40, 8, 1), req('small', 8, 8, 2)], { slots: 3, tokens: 48 });
-  const d = schedule(state, config());
+  const state = initial([req('a', 10, 6, 0), req('big', 40, 8, 1), req('small', 8, 8, 2)], { slots: 3, tokens: 60 });
+  const plan = planStep(state, config());
   assert.deepEqual(
-    d.admit.map((a) => a.id),
+    plan.admit.map((a) => a.id),
     ['a'],
     'big does not fit beside a, and small, which would fit, may not overtake big',
   );
+  assert.equal(plan.admit[0].slot, 0, 'the lowest free slot');
+  assert.equal(plan.admit[0].reserveTokens, 16);
   const tr = simulate(state, config());
-  assert.ok(tr.admittedAt.get('big')! > tr.admittedAt.get('a')!);
   assert.ok(tr.admittedAt.get('big')! >= tr.finishedAt.get('a')!, 'big waited for a to free its KV');
   assert.ok(tr.admittedAt.get('small')! >= tr.admittedAt.get('big')!, 'small did not overtake big');
   assert.equal(tr.finishedAt.size, 3);
 });
 
-test('a request larger than the whole KV budget is rejected naming the budget; the queue moves on', () => {
+test('a request larger than the whole KV budget is refused naming the budget; the queue moves on', () => {
   const state = initial([req('huge', 1000, 100, 0), req('ok', 10, 5, 1)], { slots: 2, tokens: 512 });
-  const d = schedule(state, config());
-  assert.equal(d.reject.length, 1);
-  assert.ok(d.reject[0].error instanceof ResourceExhaustedError);
-  assert.match(d.reject[0].error.message, /1000 prompt \+ 100 new tokens/);
-  assert.match(d.reject[0].error.message, /512 tokens/);
+  const plan = planStep(state, config());
+  assert.equal(plan.reject.length, 1);
+  assert.ok(plan.reject[0].error instanceof ResourceExhaustedError);
+  assert.match(plan.reject[0].error.message, /1000 prompt \+ 100 new tokens/);
+  assert.match(plan.reject[0].error.message, /512 tokens/);
   assert.deepEqual(
-    d.admit.map((a) => a.id),
+    plan.admit.map((a) => a.id),
     ['ok'],
   );
+  applyPlan(state, plan);
+  assert.deepEqual(state.waiting, [], 'the refused request left the queue');
 });
 
 test('maxRunning caps admitted sequences', () => {
@@ -228,7 +247,7 @@ test('maxRunning caps admitted sequences', () => {
     Array.from({ length: 5 }, (_, i) => req(`r${i}`, 4, 4, i)),
     { slots: 10, tokens: 4096 },
   );
-  assert.equal(schedule(state, config({ maxRunning: 3 })).admit.length, 3);
+  assert.equal(planStep(state, config({ maxRunning: 3 })).admit.length, 3);
 });
 
 test('older prompts get prefill budget first (fairness between prefills)', () => {
@@ -243,20 +262,107 @@ test('older prompts get prefill budget first (fairness between prefills)', () =>
       ['old', 20],
       ['new', 30],
     ],
-    'the rest of the budget goes to the next prompt',
   );
 });
 
 test('nothing new is scheduled while S micro-batches are in flight, but admission still happens', () => {
-  const state: SchedulerState = {
-    ...initial([req('w', 4, 4, 5)], { slots: 4, tokens: 4096 }),
-    running: [{ id: 'r', promptLength: 4, computed: 4, inFlight: false, lastScheduled: 0, arrival: 0 }],
-    inFlightBatches: 2,
-  };
-  const d = schedule(state, config({ stages: 2 }));
-  assert.equal(d.batch, null);
+  const state = initial([req('w', 4, 4, 5)], { slots: 4, tokens: 4096 });
+  state.inFlight.set(1, { id: 1, items: [], tokens: 0 });
+  state.inFlight.set(2, { id: 2, items: [], tokens: 0 });
+  const plan = planStep(state, config({ stages: 2 }));
+  assert.equal(plan.batch, null);
   assert.deepEqual(
-    d.admit.map((a) => a.id),
+    plan.admit.map((a) => a.id),
     ['w'],
+  );
+});
+
+test('a finished prompt becomes a cached prefix in its own slot; a repeat copies it and prefills one token', () => {
+  const cfg = config({ prefixCacheEntries: 4, stages: 1 });
+  const state = initial([req('a', 40, 2, 0, 5)], { slots: 4, tokens: 4096 }, cfg);
+  simulate(state, cfg);
+  assert.equal(state.cache.size, 1);
+  const entry = state.cache.all()[0];
+  assert.equal(entry.tokens.length, 40);
+  assert.equal(state.kv.stats().slotsInUse, 1, 'only the cache entry holds a slot');
+  assert.equal(state.kv.stats().tokensReserved, 40);
+  // The release that made the entry: copy from the sequence's slot to a free one, never the slot freed with it.
+  const again = req('b', 40, 2, 1, 5);
+  state.waiting.push(again);
+  const plan = planStep(state, cfg);
+  assert.equal(plan.admit[0].cachedLength, 39, 'the last prompt token still runs');
+  assert.notEqual(plan.admit[0].slot, entry.kv.slot);
+  assert.deepEqual(plan.batch!.items[0].copyPrefix, { fromSlot: entry.kv.slot, length: 39 });
+  assert.equal(plan.batch!.items[0].start, 39);
+  assert.equal(plan.batch!.items[0].count, 1);
+});
+
+test('cached prefixes never keep a live request out: they are evicted LRU before a request waits', () => {
+  const cfg = config({ prefixCacheEntries: 8, stages: 1 });
+  const state = initial([], { slots: 4, tokens: 4096 }, cfg);
+  for (let i = 0; i < 4; i++) {
+    state.waiting.push(req(`warm${i}`, 20, 1, i, 100 + i));
+    simulate(state, cfg);
+  }
+  // The 4th prompt's copy needed a slot beside its own, so one older entry made room for it.
+  assert.equal(state.cache.size, 3, 'cached prompts hold three of the four slots');
+  assert.equal(state.kv.stats().slotsInUse, 3);
+  const oldest = state.cache.all().sort((a, b) => a.lastUsed - b.lastUsed)[0];
+  state.waiting.push(...Array.from({ length: 4 }, (_, i) => req(`new${i}`, 10, 5, 10 + i, 900 + i)));
+  const plan = planStep(state, cfg);
+  assert.equal(plan.admit.length, 4, 'every slot goes to a live request');
+  assert.equal(plan.evict.length, 3);
+  assert.equal(plan.evict[0], oldest, 'least recently used first');
+  applyPlan(state, plan);
+  checkInvariants(state);
+});
+
+test('an admission copying from a cached prefix keeps it: another admission of the same plan evicts others', () => {
+  const cfg = config({ prefixCacheEntries: 8, stages: 1 });
+  const state = initial([], { slots: 3, tokens: 4096 }, cfg);
+  state.waiting.push(req('shared', 30, 1, 0, 1));
+  simulate(state, cfg);
+  state.waiting.push(req('other', 30, 1, 1, 2));
+  simulate(state, cfg);
+  const sharedEntry = state.cache
+    .all()
+    .find((e) => e.tokens[0] === tokens(30, 1)[0] && e.tokens[1] === tokens(30, 1)[1])!;
+  // Make the shared entry the least recently used, then ask for it plus two fresh requests: 3 slots, 2 cached.
+  state.cache.touch(state.cache.all().find((e) => e !== sharedEntry)!);
+  state.waiting.push(new Seq('hit', [...tokens(30, 1), 5, 6], 3, 5), req('x', 8, 2, 6, 50), req('y', 8, 2, 7, 60));
+  const plan = planStep(state, cfg);
+  assert.deepEqual(
+    plan.admit.map((a) => a.id),
+    ['hit', 'x'],
+    'x evicts the other entry; y must wait rather than evict the entry hit copies from',
+  );
+  assert.equal(plan.admit[0].hit, sharedEntry);
+  assert.ok(!plan.evict.includes(sharedEntry));
+  applyPlan(state, plan);
+  checkInvariants(state);
+});
+
+test('after lost KV every running sequence is prefilled again up to its last sampled token, drawing nothing new', () => {
+  const cfg = config({ stages: 1, maxBatchTokens: 16, prefixCacheEntries: 2 });
+  const state = initial([req('a', 10, 50, 0)], { slots: 2, tokens: 4096 }, cfg);
+  for (let i = 0; i < 6; i++) {
+    const plan = planStep(state, cfg);
+    applyPlan(state, plan);
+    for (const { item, seq } of completeBatch(state, plan.batch!.id))
+      if (item.sample) {
+        seq.history.push(9);
+        seq.generated++;
+      }
+  }
+  const seq = state.running.get('a')!;
+  assert.equal(seq.history.length, 16);
+  loseAllKv(state);
+  assert.equal(seq.computed, 0);
+  assert.equal(state.cache.size, 0);
+  const replay = planStep(state, cfg).batch!;
+  assert.deepEqual(
+    replay.items.map((i) => [i.start, i.count, i.sample]),
+    [[0, 15, true]],
+    'positions 0..14 run again; the last one samples (its token is known: the engine does not draw it)',
   );
 });
