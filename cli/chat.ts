@@ -45,7 +45,7 @@ interface GenerateResponse {
   };
 }
 
-export function emu3Client(address: string): grpc.Client {
+export function emu3Client(address: string, channelOptions: grpc.ChannelOptions = {}): grpc.Client {
   const root = protoRoot();
   const pkg = protoLoader.loadSync(join(root, 'emu3/v1/emu3.proto'), {
     keepCase: false,
@@ -60,6 +60,7 @@ export function emu3Client(address: string): grpc.Client {
   return new Emu3(address, grpc.credentials.createInsecure(), {
     'grpc.max_send_message_length': 128 * 1024 * 1024,
     'grpc.max_receive_message_length': 128 * 1024 * 1024,
+    ...channelOptions,
   });
 }
 

@@ -25,14 +25,14 @@ export interface Harness {
   close(): Promise<void>;
 }
 
-export async function startHarness(coordinatorArgs: string[] = []): Promise<Harness> {
+export async function startHarness(coordinatorArgs: string[] = [], shardArgs: string[] = []): Promise<Harness> {
   const work = mkdtempSync(join(tmpdir(), 'emu3-pipeline-'));
   const modelDir = join(work, 'emu3-tiny');
   writeTinyEmu3(modelDir, { seed: 0, preset: 'tiny', dtype: 'f32', shards: 1 });
   await writeTokenizerFiles(modelDir);
   writeTinyVq(join(modelDir, 'vq'), { seed: 0, preset: 'tiny' });
   const system = await startSystem(
-    { modelDir, shards: 2, coordinatorArgs, logDir: join(work, 'logs') },
+    { modelDir, shards: 2, coordinatorArgs, shardArgs, logDir: join(work, 'logs') },
     loadEmu3Config(modelDir),
   );
   const client = emu3Client(system.address);
