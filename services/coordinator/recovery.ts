@@ -58,7 +58,8 @@ export class Recovery {
       if (probing || this.recovering || this.closed || this.opts.engine.isDown) return;
       probing = true;
       try {
-        const missing = await this.opts.pipeline.missing(Math.max(every, 1000));
+        // A busy stage still answers Info at once (ORT runs in its worker thread); 2 s leaves room for a loaded machine.
+        const missing = await this.opts.pipeline.missing(2000);
         this.failedProbes = missing.length === 0 ? 0 : this.failedProbes + 1;
         if (this.failedProbes >= 2 && !this.closed && !this.opts.engine.isDown)
           this.opts.engine.pipelineLost(this.describeMissing(missing));
