@@ -53,8 +53,8 @@ export const UPSTREAM_DEFAULTS = {
 } as const;
 
 /**
- * ORT's fused rotary kernels (com.microsoft) need head_dim % 16 === 0 (docs/architecture.md, "Stage graphs and
- * devices").
+ * ORT's fused rotary kernels (com.microsoft) need head_dim % 16 === 0
+ * (docs/architecture.md, "Stage graphs and devices").
  */
 export const HEAD_DIM_MULTIPLE = 16;
 

@@ -136,8 +136,8 @@ export class VqBlocks {
   /**
    * A CausalConv3d over a list of frames (each a [1, C, H, W] tensor), time padded by 2 zero frames in front. Output
    * frame t = Σ_k conv2d(frame[t·stride + k − 2]; W[:,:,k]) + b; zero frames drop out and repeated inputs (same tensor)
-   * have their kernel slices summed first — which gives the single-image form exactly (docs/model.md, "Single-image
-   * form"). `outputs` limits how many leading output frames are built.
+   * have their kernel slices summed first — which gives the single-image form exactly
+   * (docs/model.md, "Single-image form"). `outputs` limits how many leading output frames are built.
    */
   causalConvFrames(frames: string[], name: string, conv: Conv3d, stride: number, outputs?: number): string[] {
     const [cout, cin, kt, kh, kw] = conv.shape;
