@@ -70,8 +70,8 @@ async function main(): Promise<void> {
   }
   const text = [
     'Command: `npm run bench:preprocess` (builds, then `node dist/bench/preprocess.js [--runs N]`). Synthetic images,',
-    `${runs} runs each, one process; "preprocess" = sharp decode + smart resize (EMU3.md §4.2, default 512²–1024²`,
-    'bounds) + Pillow-exact bicubic + normalise to a float32 [3,H,W] tensor.',
+    `${runs} runs each, one process; "preprocess" = sharp decode + smart resize (docs/model.md "Smart resize",`,
+    'default 512²–1024² bounds) + Pillow-exact bicubic + normalise to a float32 [3,H,W] tensor.',
     '',
     ...rows,
     '',

@@ -357,7 +357,7 @@ function writeSection(text: string): void {
       'context c) and a 2048-token prefill in chunks of 512. RSS columns: peak RSS growth of a fresh process while',
       'building (cold cache) / loading (warm cache) the stage, divided by the weight file size. "bw eff" above 1 means',
       'the Gemm read weights faster than the ReduceSum probe did (the probe does not saturate the memory bus): read the',
-      'GB/s column against DESIGN.md §8 (~20–24 GB/s).',
+      "GB/s column against the machine's memory read bandwidth (~20–24 GB/s measured here with 2 threads).",
       '',
       text,
     ].join('\n'),

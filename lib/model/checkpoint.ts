@@ -40,7 +40,10 @@ export interface ExpectedTensor {
   linear: boolean;
 }
 
-/** Every tensor of the model (EMU3.md §1.3) in module order; lm_head is absent when the embeddings are tied. */
+/**
+ * Every tensor of the model (docs/model.md, "Checkpoint tensors") in module order; lm_head is absent when the
+ * embeddings are tied.
+ */
 export function expectedTensors(c: Emu3Config): ExpectedTensor[] {
   const kv = c.numKeyValueHeads * c.headDim;
   const h = c.hiddenSize;

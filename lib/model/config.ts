@@ -1,5 +1,5 @@
-// The LLM's config.json (EMU3.md §1.1), parsed with the upstream HF key names and validated: every field we use is
-// checked for presence, type and consistency, and every error names the field and the file.
+// The LLM's config.json (docs/model.md, "config.json"), parsed with the upstream HF key names and validated: every
+// field we use is checked for presence, type and consistency, and every error names the field and the file.
 import { join } from 'node:path';
 import { CheckpointError } from './errors.js';
 import { readJsonFile } from './json-file.js';
@@ -52,7 +52,10 @@ export const UPSTREAM_DEFAULTS = {
   image_area: 720 * 720,
 } as const;
 
-/** ORT's fused rotary kernels (com.microsoft) need head_dim % 16 === 0 (DESIGN.md §3). */
+/**
+ * ORT's fused rotary kernels (com.microsoft) need head_dim % 16 === 0
+ * (docs/architecture.md, "Stage graphs and devices").
+ */
 export const HEAD_DIM_MULTIPLE = 16;
 
 export function parseEmu3Config(json: unknown, source: string): Emu3Config {

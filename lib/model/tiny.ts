@@ -22,7 +22,10 @@ interface PresetShape {
   image_area: number;
 }
 
-/** The real vocabulary (EMU3.md §2.1): the real tokenizer files work unchanged with these models. */
+/**
+ * The real vocabulary (docs/model.md, "Special tokens and ids"): the real tokenizer files work unchanged with these
+ * models.
+ */
 export const EMU3_VOCAB_SIZE = 184622;
 
 export const presets: Record<Preset, PresetShape> = {
@@ -50,7 +53,9 @@ export const presets: Record<Preset, PresetShape> = {
 
 const TRANSFORMERS_VERSION = '4.44.0';
 
-/** config.json with the upstream keys and values (EMU3.md §1.1); only the sizes come from the preset. */
+/**
+ * config.json with the upstream keys and values (docs/model.md, "config.json"); only the sizes come from the preset.
+ */
 export function tinyConfigJson(preset: Preset, dtype: 'f32' | 'bf16'): Record<string, unknown> {
   const p = presets[preset];
   const d = UPSTREAM_DEFAULTS;
@@ -187,7 +192,7 @@ export function writeTinyEmu3(
 
   writeJson(join(dir, 'config.json'), configJson);
   log(`wrote ${join(dir, 'config.json')} (${preset}: hidden ${config.hiddenSize}, ${config.numHiddenLayers} layers)`);
-  // EMU3.md §3.2: the hub generation_config.json has no sampling defaults.
+  // As on the hub: bos/eos/pad ids only, no sampling defaults (Emu3-Chat decodes greedily).
   writeJson(join(dir, 'generation_config.json'), {
     _from_model_config: true,
     bos_token_id: config.bosTokenId,
@@ -196,7 +201,8 @@ export function writeTinyEmu3(
     transformers_version: TRANSFORMERS_VERSION,
   });
   log(`wrote ${join(dir, 'generation_config.json')}`);
-  // EMU3.md §2.2 (the tokenizer's defaults; the hub file's exact content is unverified, EMU3.md §9.6).
+  // The role strings are the upstream tokenizer's defaults; the hub's tokenizer_config.json itself was never seen, so
+  // its other keys are a plausible reconstruction (nothing here reads them).
   const specialTokens = { bos_token: '<|extra_203|>', eos_token: '<|extra_204|>', pad_token: '<|endoftext|>' };
   writeJson(join(dir, 'tokenizer_config.json'), {
     added_tokens_decoder: {},

@@ -1,5 +1,5 @@
-// Size in tokens of an image to generate, from a "W:H" ratio and a pixel area (EMU3.md §3.3,
-// calculate_generate_size), with Python's round-half-to-even.
+// Size in tokens of an image to generate, from a "W:H" ratio and a pixel area (upstream calculate_generate_size), with
+// Python's round-half-to-even (docs/model.md, "Generated image size").
 import { pythonRound } from './smart-resize.js';
 
 export interface TokenGrid {

@@ -1,5 +1,6 @@
-// The image-layout constraint of generation (EMU3.md §3.3, Emu3PrefixConstrainedLogitsHelper): which ids may be
-// sampled at each step after the prompt's img token. A pure function of the grid and the step.
+// The image-layout constraint of generation (docs/model.md, "Image layout constraint"; upstream
+// Emu3PrefixConstrainedLogitsHelper): which ids may be sampled at each step after the prompt's img token. A pure
+// function of the grid and the step.
 import type { TokenGrid } from './generation-size.js';
 
 export interface LayoutIds {

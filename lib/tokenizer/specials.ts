@@ -1,4 +1,4 @@
-// Emu3's special tokens and their numbering (EMU3.md §2.1, §2.2).
+// Emu3's special tokens and their numbering (docs/model.md, "Special tokens and ids").
 
 export const TIKTOKEN_FILE = 'emu3.tiktoken';
 export const VISION_TOKENS_FILE = 'emu3_vision_tokens.txt';

@@ -1,5 +1,6 @@
-// The Emu3 tokenizer (EMU3.md §2): tiktoken ranks + Emu3's special tokens. Encode = NFC, split at special-token
-// strings, Qwen's pre-split pattern, byte-level BPE. Decode = token bytes → UTF-8 (invalid bytes → U+FFFD).
+// The Emu3 tokenizer (docs/model.md, "Tokenizer"): tiktoken ranks + Emu3's special tokens. Encode = NFC, split at
+// special-token strings, Qwen's pre-split pattern, byte-level BPE. Decode = token bytes → UTF-8 (invalid bytes
+// → U+FFFD).
 import { BytePairEncoder } from './bpe.js';
 import { splitRegex } from './pretokenize.js';
 import {

@@ -1,4 +1,5 @@
-// The Emu3-VisionTokenizer config.json (EMU3.md §5.1): parsed, validated, with errors that name the field.
+// The Emu3-VisionTokenizer config.json (docs/model.md, "VQ config"): parsed, validated, with errors that name the
+// field.
 import { join } from 'node:path';
 import { CheckpointError } from '../model/errors.js';
 import { readJsonFile } from '../model/json-file.js';
@@ -20,7 +21,7 @@ export interface VqConfig {
   raw: Record<string, unknown>;
 }
 
-/** GroupNorm in every 2-D block uses this many groups (EMU3.md §5.2). */
+/** GroupNorm in every 2-D block uses this many groups (docs/model.md, "Blocks"). */
 export const GROUP_NORM_GROUPS = 32;
 
 /** Upstream defaults (configuration_emu3visionvq.py), used for keys a config.json leaves out. */

@@ -1,7 +1,7 @@
-// The VQ decoder as one ONNX graph in the exact single-image form of EMU3.md §5.5: only output frame 0 is built, so
-// every causal temporal conv reduces to its last kernel slice, the temporal upsamples vanish, and the 2-D decoder
-// runs once. Input `quant` [1, embed_dim, h, w] = codebook rows E[codes] (h, w dynamic); output `pixels`
-// [1, out_channels, 8h, 8w], the raw decoder output in ≈[−1, 1].
+// The VQ decoder as one ONNX graph in the exact single-image form (docs/model.md, "Single-image form"): only output
+// frame 0 is built, so every causal temporal conv reduces to its last kernel slice, the temporal upsamples vanish, and
+// the 2-D decoder runs once. Input `quant` [1, embed_dim, h, w] = codebook rows E[codes] (h, w dynamic); output
+// `pixels` [1, out_channels, 8h, 8w], the raw decoder output in ≈[−1, 1].
 import type { GraphBuilder } from '../onnx/graph.js';
 import { levelChannels, temporalStages } from './config.js';
 import { type Norm, VqBlocks } from './graph-blocks.js';

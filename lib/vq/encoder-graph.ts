@@ -1,7 +1,7 @@
-// The VQ encoder as one ONNX graph in the exact single-image form of EMU3.md §5.5: the 2-D encoder runs once on the
-// image (its 4 time copies are identical), then the 4-channel temporal part runs on the frames it needs, then
-// quant_conv. Input `pixels` [1, in_channels, H, W] (H, W dynamic, multiples of 8); output `latents` [h·w, embed_dim]
-// in row-major (y, x) order, ready for the quantizer.
+// The VQ encoder as one ONNX graph in the exact single-image form (docs/model.md, "Single-image form"): the 2-D encoder
+// runs once on the image (its 4 time copies are identical), then the 4-channel temporal part runs on the frames it
+// needs, then quant_conv. Input `pixels` [1, in_channels, H, W] (H, W dynamic, multiples of 8); output `latents`
+// [h·w, embed_dim] in row-major (y, x) order, ready for the quantizer.
 import type { GraphBuilder } from '../onnx/graph.js';
 import { levelChannels, temporalStages } from './config.js';
 import { type Norm, VqBlocks } from './graph-blocks.js';

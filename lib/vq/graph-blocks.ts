@@ -1,13 +1,13 @@
-// The building blocks of EMU3.md §5.2 as ONNX nodes, shared by the encoder and decoder graphs. Each block reads its
-// parameters by upstream name, so node names follow the checkpoint (`encoder.down.3.attn.0.q`).
+// The VQ building blocks (docs/model.md, "Blocks") as ONNX nodes, shared by the encoder and decoder graphs. Each block
+// reads its parameters by upstream name, so node names follow the checkpoint (`encoder.down.3.attn.0.q`).
 import type { GraphBuilder } from '../onnx/graph.js';
 import { GROUP_NORM_GROUPS } from './config.js';
 import { type Affine, type Conv3d, sumTimeSlices, type VqWeights } from './weights.js';
 
-/** GroupNorm epsilon in every 2-D block (EMU3.md §5.2). */
+/** GroupNorm epsilon in every 2-D block (docs/model.md, "Blocks"). */
 export const GROUP_NORM_EPS = 1e-6;
 
-/** Causal 3-D convs pad time by this many zero frames in front, whatever the kernel (EMU3.md §5.2). */
+/** Causal 3-D convs pad time by this many zero frames in front, whatever the kernel (docs/model.md, "Blocks"). */
 export const CAUSAL_TIME_PAD = 2;
 
 /** A normalisation applied to a C-channel tensor: GroupNorm in the encoder, SpatialNorm(·, zq) in the decoder. */
@@ -134,10 +134,10 @@ export class VqBlocks {
   }
 
   /**
-   * A CausalConv3d over a list of frames (each a [1, C, H, W] tensor), time padded by 2 zero frames in front.
-   * Output frame t = Σ_k conv2d(frame[t·stride + k − 2]; W[:,:,k]) + b; zero frames drop out and repeated inputs
-   * (same tensor) have their kernel slices summed first — which gives EMU3.md §5.5's shortcuts exactly.
-   * `outputs` limits how many leading output frames are built.
+   * A CausalConv3d over a list of frames (each a [1, C, H, W] tensor), time padded by 2 zero frames in front. Output
+   * frame t = Σ_k conv2d(frame[t·stride + k − 2]; W[:,:,k]) + b; zero frames drop out and repeated inputs (same tensor)
+   * have their kernel slices summed first — which gives the single-image form exactly
+   * (docs/model.md, "Single-image form"). `outputs` limits how many leading output frames are built.
    */
   causalConvFrames(frames: string[], name: string, conv: Conv3d, stride: number, outputs?: number): string[] {
     const [cout, cin, kt, kh, kw] = conv.shape;

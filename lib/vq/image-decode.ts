@@ -1,5 +1,6 @@
-// Image bytes → 8-bit RGB pixels the way the reference gets them: PIL `Image.open(f).convert("RGB")` (EMU3.md §4.2,
-// §4.2b), decoded with sharp. The size in the header is checked against a pixel limit before any pixel is decoded.
+// Image bytes → 8-bit RGB pixels the way the reference gets them: PIL `Image.open(f).convert("RGB")` (docs/model.md,
+// "Reading the file"), decoded with sharp. The size in the header is checked against a pixel limit before any pixel is
+// decoded.
 //
 // Deliberate choices, each matching Pillow (the reference) rather than sharp's defaults:
 // * an embedded ICC profile is ignored (Pillow does not apply it);

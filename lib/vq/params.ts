@@ -1,5 +1,5 @@
 // The upstream state_dict of an Emu3-VisionTokenizer for a given config: names and shapes in the module order of
-// modeling_emu3visionvq.py (for the default config these are the 495 keys of emu3-vq-param-names.txt).
+// modeling_emu3visionvq.py (for the default config these are the 495 keys of test/fixtures/vq-param-names.txt).
 import { levelChannels, temporalStages, type VqConfig } from './config.js';
 
 export interface ParamSpec {

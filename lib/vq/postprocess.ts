@@ -1,4 +1,4 @@
-// VQ decoder output → PNG (EMU3.md §4.3): un-normalise (x - (-m/s)) / (1/s) in float32, rescale by
+// VQ decoder output → PNG (docs/model.md, "Postprocess"): un-normalise (x - (-m/s)) / (1/s) in float32, rescale by
 // 1 / rescale_factor via float64 then float32 (transformers' rescale), clip to [0, 255], truncate to uint8, HWC, PNG.
 import sharp from 'sharp';
 import { PREPROCESSOR_DEFAULTS, type PreprocessorConfig } from './preprocess.js';

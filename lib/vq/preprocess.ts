@@ -4,7 +4,10 @@ import { ImageSizeError, smartResize } from '../prompt/smart-resize.js';
 import { type DecodeOptions, decodeToRgb, ImageInputError, type RgbImage } from './image-decode.js';
 import { resizeBicubic } from './resize.js';
 
-/** The fields of preprocessor_config.json this implementation uses (EMU3.md §4.1 names in camelCase). */
+/**
+ * The fields of preprocessor_config.json this implementation uses (docs/model.md, "preprocessor_config.json"; names in
+ * camelCase).
+ */
 export interface PreprocessorConfig {
   minPixels: number;
   maxPixels: number;
@@ -14,7 +17,9 @@ export interface PreprocessorConfig {
   spatialFactor: number;
 }
 
-/** EMU3.md §4.1 (Emu3VisionVQImageProcessor defaults), used for keys the file leaves out. */
+/**
+ * Emu3VisionVQImageProcessor's defaults (docs/model.md, "preprocessor_config.json"), used for keys the file leaves out.
+ */
 export const PREPROCESSOR_DEFAULTS: Readonly<PreprocessorConfig> = Object.freeze<PreprocessorConfig>({
   minPixels: 512 * 512,
   maxPixels: 1024 * 1024,

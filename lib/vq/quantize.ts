@@ -1,5 +1,5 @@
-// The vector quantizer (EMU3.md §5.2): for each latent z, index = argmin_j |z|² + |e_j|² − 2·z·e_j, the first
-// minimum on ties (as torch.argmin). Distances in float64.
+// The vector quantizer (docs/model.md, "Blocks"): for each latent z, index = argmin_j |z|² + |e_j|² − 2·z·e_j, the
+// first minimum on ties (as torch.argmin). Distances in float64.
 //
 // `quantize` searches a k-d tree over the codebook instead of scanning all 32,768 codes per latent: a latent visits
 // a few hundred codes, ~50–100× less work than the scan, and the answer is bit-for-bit the scan's (`quantizeScan`,

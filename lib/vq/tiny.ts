@@ -27,9 +27,10 @@ export function vqConfigJson(preset: VqPreset): Record<string, unknown> {
 }
 
 /**
- * EMU3.md §4.1 keys and values, except the pixel bounds: upstream's 512²–1024² makes every image a 4,163–16,448-token
- * prompt, beyond the presets' contexts (tiny 2,048, small 4,096). tiny takes 128²–256² (≤ 32×32 codes, ≤ 1,063
- * tokens); small 256²–384² (≤ 48×48 codes, ≤ 2,359 tokens). A real VisionTokenizer directory brings its own file.
+ * The upstream preprocessor_config.json keys and values (docs/model.md, "preprocessor_config.json"), except the pixel
+ * bounds: upstream's 512²–1024² makes every image a 4,163–16,448-token prompt, beyond the presets' contexts (tiny
+ * 2,048, small 4,096). tiny takes 128²–256² (≤ 32×32 codes, ≤ 1,063 tokens); small 256²–384² (≤ 48×48 codes, ≤ 2,359
+ * tokens). A real VisionTokenizer directory brings its own file.
  */
 export const presetPixelBounds: Record<VqPreset, { minPixels: number; maxPixels: number }> = {
   tiny: { minPixels: 128 * 128, maxPixels: 256 * 256 },

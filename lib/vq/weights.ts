@@ -1,5 +1,5 @@
-// Reads the VQ checkpoint (config.json + model.safetensors, upstream names of emu3-vq-param-names.txt) and turns the
-// 3-D / BatchNorm parameters into what the single-image graphs need (EMU3.md §5.5).
+// Reads the VQ checkpoint (config.json + model.safetensors, upstream names, docs/model.md "Parameter names") and turns
+// the 3-D / BatchNorm parameters into what the single-image graphs need (docs/model.md, "Single-image form").
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -7,7 +7,7 @@ import { CheckpointError } from '../model/errors.js';
 import { SafetensorsFile } from '../model/safetensors.js';
 import { loadVqConfig, type VqConfig } from './config.js';
 
-/** BatchNorm3d epsilon (torch default; EMU3.md §5.2). */
+/** BatchNorm3d epsilon (torch default; docs/model.md, "Blocks"). */
 export const BATCH_NORM_EPS = 1e-5;
 
 export interface Affine {

@@ -1,7 +1,7 @@
 // Reference logits processing: the work the last stage does over the whole vocabulary before the coordinator samples
-// (DESIGN.md §4), in plain JS with float64 accumulation. Used by tests as the truth for the shard's graph and by a
-// CPU fallback. Order follows transformers' generate(): mask, repetition penalty, temperature, then log-softmax
-// over the whole vocabulary and top-K extraction.
+// (docs/architecture.md, "Sampling split"), in plain JS with float64 accumulation. Used by tests as the truth for the
+// shard's graph and by a CPU fallback. Order follows transformers' generate(): mask, repetition penalty, temperature,
+// then log-softmax over the whole vocabulary and top-K extraction.
 
 /** Candidate tokens, sorted by logprob descending (ties: lower id first). Logprobs are normalised over the whole vocabulary. */
 export interface Candidates {

@@ -1,6 +1,7 @@
-// The bounded admission queue (DESIGN.md §6): requests wait here, FIFO, until the scheduler admits them. Beyond the
-// bound a request is refused at once with ResourceExhausted, never by running out of memory later. Entries leave
-// when admitted, cancelled (client gone) or past their deadline. Time is passed in, so this stays pure.
+// The bounded admission queue (docs/architecture.md, "Failure model"): requests wait here, FIFO, until the scheduler
+// admits them. Beyond the bound a request is refused at once with ResourceExhausted, never by running out of memory
+// later. Entries leave when admitted, cancelled (client gone) or past their deadline. Time is passed in, so this stays
+// pure.
 import { ResourceExhaustedError } from './errors.js';
 
 export interface Queued<T> {

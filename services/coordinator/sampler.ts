@@ -1,6 +1,7 @@
-// Coordinator-side sampling (DESIGN.md §4): the last stage returns candidates (or a full row of logprobs) after mask,
-// repetition penalty and temperature; here top-k, top-p and min-p truncate, and a per-request seeded RNG draws.
-// One RNG per request, one uniform draw per sampled token, so a seed gives the same tokens whatever the batch.
+// Coordinator-side sampling (docs/architecture.md, "Sampling split"): the last stage returns candidates (or a full row
+// of logprobs) after mask, repetition penalty and temperature; here top-k, top-p and min-p truncate, and a per-request
+// seeded RNG draws. One RNG per request, one uniform draw per sampled token, so a seed gives the same tokens whatever
+// the batch.
 import { Rng } from '../../lib/util/rng.js';
 import { type Candidates, topKLogprobs } from './logits.js';
 

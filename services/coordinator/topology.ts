@@ -1,6 +1,6 @@
-// The start-up check of a pipeline (DESIGN.md §1, §5): the shards, in the order given, must cover the decoder layers
-// [0, L) exactly once, back to back, and serve one checkpoint. Errors name the shard (its address) and the gap or
-// overlap, so a wrong --shards list or a mixed deployment is obvious from the message.
+// The start-up check of a pipeline (docs/architecture.md, "Services", "KV lifecycle"): the shards, in the order given,
+// must cover the decoder layers [0, L) exactly once, back to back, and serve one checkpoint. Errors name the shard (its
+// address) and the gap or overlap, so a wrong --shards list or a mixed deployment is obvious from the message.
 import type { ShardInfo } from '../../lib/rpc/shard-wire.js';
 
 export interface StageDescription {

@@ -1,6 +1,7 @@
-// The failure model (docs/architecture.md) with real processes: the last shard is killed mid-answer and started again at the same address; the
-// coordinator keeps the sequences, waits for the stage, resets the pipeline and prefills them again. The client sees
-// a delay, not an error, and the same tokens (greedy, and sampled with a fixed seed).
+// The failure model (docs/architecture.md, "Failure model") with real processes: the last shard is killed mid-answer
+// and started again at the same address; the coordinator keeps the sequences, waits for the stage, resets the pipeline
+// and prefills them again. The client sees a delay, not an error, and the same tokens (greedy, and sampled with a fixed
+// seed).
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';

@@ -227,7 +227,7 @@ test('Info: layer ranges, shared fingerprint, KV capacity from the flags, visual
     // 2 layers × (K + V) × 2 kv heads × head_dim 16 × 4 bytes
     assert.equal(i.kv_bytes_per_token, 2 * 2 * 2 * 16 * 4);
   }
-  // EMU3.md §2.1: visual code k is id 151854 + k, 32768 codes.
+  // docs/model.md, "Special tokens and ids": visual code k is id 151854 + k, 32768 codes.
   assert.deepEqual([b.visual_token_begin, b.visual_token_end, b.vocab_size], [151854, 151854 + 32768, 184622]);
 });
 

@@ -1,5 +1,5 @@
-// A float64 reference of the Emu3 forward pass (EMU3.md §1.2), written straight from the equations for tests:
-// embed → per layer [RMSNorm, q/k/v, rotate_half RoPE (theta from config), causal GQA, o, residual, RMSNorm,
+// A float64 reference of the Emu3 forward pass (docs/model.md, "Forward pass"), written straight from the equations for
+// tests: embed → per layer [RMSNorm, q/k/v, rotate_half RoPE (theta from config), causal GQA, o, residual, RMSNorm,
 // SwiGLU MLP, residual] → RMSNorm → lm_head. No KV cache: every call recomputes the whole sequence.
 import { Checkpoint, tensorNames } from '../../lib/model/checkpoint.js';
 import type { Emu3Config } from '../../lib/model/config.js';

@@ -1,6 +1,7 @@
-// Float64 reference of the Emu3 VisionTokenizer, written straight from EMU3.md §5.2–§5.4: the FULL network on 4
-// frames (the image repeated in time; 3-D causal convs over zero-padded volumes; BatchNorm3d from running stats;
-// decoding all 4 frames and keeping frame 0). Deliberately naive and independent of lib/vq's graph code. Test-only.
+// Float64 reference of the Emu3 VisionTokenizer, written straight from docs/model.md
+// ("Blocks", "Encoder, quantizer, decoder"): the FULL network on 4 frames (the image repeated in time; 3-D causal
+// convs over zero-padded volumes; BatchNorm3d from running stats; decoding all 4 frames and keeping frame 0).
+// Deliberately naive and independent of lib/vq's graph code. Test-only.
 import { join } from 'node:path';
 import { SafetensorsFile } from '../../lib/model/safetensors.js';
 import { loadVqConfig, type VqConfig } from '../../lib/vq/config.js';
@@ -345,7 +346,7 @@ export class VqReference {
   }
 }
 
-/** EMU3.md §4.3: floor(clamp((x + 1) / 2 · 255, 0, 255)). */
+/** docs/model.md, "Postprocess": floor(clamp((x + 1) / 2 · 255, 0, 255)). */
 export function toU8(x: number): number {
   return Math.floor(Math.min(255, Math.max(0, ((x + 1) / 2) * 255)));
 }

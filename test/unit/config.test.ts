@@ -6,7 +6,7 @@ import { describe, it } from 'node:test';
 import { loadEmu3Config, parseEmu3Config } from '../../lib/model/config.js';
 import { CheckpointError } from '../../lib/model/errors.js';
 
-/** The released 8B config (EMU3.md §1.1, upstream key names). */
+/** The released 8B config (upstream key names and values; docs/model.md, "config.json"). */
 const upstream8b = (): Record<string, unknown> => ({
   architectures: ['Emu3ForCausalLM'],
   model_type: 'Emu3',

@@ -34,7 +34,7 @@ describe('make-tiny: files in the upstream layout', () => {
     const ck = Checkpoint.open(dirs.a);
     try {
       const c = ck.config;
-      // EMU3.md §1.1 / §2.2
+      // docs/model.md, "config.json" and "Special tokens and ids"
       assert.deepEqual(
         [
           c.vocabSize,
@@ -61,7 +61,7 @@ describe('make-tiny: files in the upstream layout', () => {
     }
   });
 
-  it('writes generation_config.json and special_tokens_map.json as on the hub (EMU3.md §2.2, §3.2)', () => {
+  it('writes generation_config.json and special_tokens_map.json as on the hub', () => {
     const gen = readFileSync(join(dirs.a, 'generation_config.json'), 'utf8');
     assert.deepEqual(JSON.parse(gen), {
       _from_model_config: true,
@@ -191,7 +191,7 @@ describe('emu3 make-tiny (CLI)', () => {
   });
 });
 
-/** A plain float64 Emu3 forward pass (EMU3.md §1.2), recomputing the whole sequence per step. */
+/** A plain float64 Emu3 forward pass (docs/model.md, "Forward pass"), recomputing the whole sequence per step. */
 function greedy(ck: Checkpoint, prompt: number[], steps: number): { generated: number[]; logitStd: number } {
   const c = ck.config;
   const H = c.hiddenSize;

@@ -1,5 +1,5 @@
-// smartResize (EMU3.md §4.2 step 3) and the generated-image grid (§3.3). Expected values were computed with the
-// reference's Python formulas (Python 3 round = half to even).
+// smartResize (docs/model.md, "Smart resize") and the generated-image grid ("Generated image size"). Expected values
+// were computed with the reference's Python formulas (Python 3 round = half to even).
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { generationGrid, parseRatio, RatioError } from '../../lib/prompt/generation-size.js';

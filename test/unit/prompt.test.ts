@@ -1,5 +1,5 @@
-// Prompt ids built directly (EMU3.md §3.2, §3.3) must equal tokenizing the reference's full prompt string, and the
-// image-layout constraint must follow the reference helper's rules.
+// Prompt ids built directly (docs/model.md, "Prompt formats") must equal tokenizing the reference's full prompt string,
+// and the image-layout constraint must follow the reference helper's rules.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { imageLayoutAllowed, imageLayoutLength, layoutIds } from '../../lib/prompt/layout.js';
@@ -55,7 +55,7 @@ const TEXTS = [
   '.',
 ];
 
-describe('understanding prompt (EMU3.md §3.2)', () => {
+describe('understanding prompt (Emu3-Chat)', () => {
   const sizes: [number, number][] = [
     [1, 1],
     [3, 5],
@@ -145,7 +145,7 @@ describe('understanding prompt (EMU3.md §3.2)', () => {
   });
 });
 
-describe('generation prompt and CFG negative prompt (EMU3.md §3.3)', () => {
+describe('generation prompt and CFG negative prompt (Emu3-Gen)', () => {
   const grids = [
     { height: 90, width: 90 },
     { height: 68, width: 120 },
@@ -176,7 +176,7 @@ describe('generation prompt and CFG negative prompt (EMU3.md §3.3)', () => {
   });
 });
 
-describe('image-layout constraint (EMU3.md §3.3)', () => {
+describe('image-layout constraint (Emu3-Gen)', () => {
   let ids: ReturnType<typeof layoutIds>;
   before(() => {
     ids = layoutIds(tok);

@@ -1,5 +1,5 @@
-// The stage graph + runtime against a float64 reference of Emu3 (EMU3.md §1.2) on emu3-tiny (fp32 and bf16):
-// full-model logits, greedy decoding with the KV cache, splits into stages, mixed batches and slot reuse.
+// The stage graph + runtime against a float64 reference of Emu3 (docs/model.md, "Forward pass") on emu3-tiny (fp32 and
+// bf16): full-model logits, greedy decoding with the KV cache, splits into stages, mixed batches and slot reuse.
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';

