@@ -16,8 +16,9 @@ import { type RunningServer, type ServiceBinding, serve } from '../../lib/rpc/se
 import type { ForwardResponse } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
-import { Engine, type EngineEvent } from './engine.js';
+import { Engine } from './engine.js';
 import { InvalidArgumentError, ResourceExhaustedError } from './errors.js';
+import { EventQueue } from './event-queue.js';
 import { commonCapacity } from './kv-allocator.js';
 import { PipelineClient } from './pipeline-client.js';
 import {
@@ -88,27 +89,6 @@ function mapCoordinatorError(err: unknown): RpcError | undefined {
   if (err instanceof InvalidArgumentError) return new InvalidArgument(err.message);
   if (err instanceof ResourceExhaustedError) return new ResourceExhausted(err.message);
   return undefined;
-}
-
-/** An unbounded async queue of engine events for one call. */
-class EventQueue {
-  private readonly items: EngineEvent[] = [];
-  private wake: (() => void) | null = null;
-  push(e: EngineEvent): void {
-    this.items.push(e);
-    this.wake?.();
-  }
-  async next(signal: AbortSignal): Promise<EngineEvent> {
-    while (this.items.length === 0) {
-      if (signal.aborted) throw signal.reason;
-      await new Promise<void>((resolve) => {
-        this.wake = resolve;
-        signal.addEventListener('abort', () => resolve(), { once: true });
-      });
-      this.wake = null;
-    }
-    return this.items.shift()!;
-  }
 }
 
 interface Deps {
