@@ -12,6 +12,7 @@ import { implement, serverStream, unary } from '../../lib/rpc/handlers.js';
 import { HEALTH_PROTO } from '../../lib/rpc/health.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { protoRoot } from '../../lib/rpc/proto.js';
+import { decodeRequestsInHandlers } from '../../lib/rpc/request-decoding.js';
 import { type RunningServer, type ServiceBinding, serve } from '../../lib/rpc/serve.js';
 import type { ForwardResponse } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
@@ -351,14 +352,14 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
   const pkg = publicPackage();
   const definition = (grpc.loadPackageDefinition(pkg).emu3 as grpc.GrpcObject).v1 as grpc.GrpcObject;
   const services: ServiceBinding[] = [
-    {
+    decodeRequestsInHandlers({
       name: PUBLIC_SERVICE,
       definition: (definition.Emu3 as grpc.ServiceClientConstructor).service,
       implementation: publicImplementation(
         { tokenizer, engine, vq, limits, shape, stages, modelName: basename(opts.modelDir), opts },
         log,
       ),
-    },
+    }),
   ];
   const reflection = new ReflectionService(pkg);
   reflection.addToServer({
