@@ -145,10 +145,28 @@ test(
     const cut = await rawGenerate(ownConnection(), Buffer.from([0x0a, 0x05, 0x0a]));
     assert.equal(cut.code, grpc.status.INVALID_ARGUMENT, cut.details);
     assert.match(cut.details, /^GenerateRequest: not a valid protobuf message/);
+    for (const [method, type] of [
+      ['Tokenize', 'TokenizeRequest'],
+      ['GetModelInfo', 'GetModelInfoRequest'],
+    ]) {
+      const s = await rawUnary(`/emu3.v1.Emu3/${method}`, Buffer.from([0x0a, 0x05, 0x0a]));
+      assert.equal(s.code, grpc.status.INVALID_ARGUMENT, `${method}: ${s.details}`);
+      assert.match(s.details, new RegExp(`^${type}: not a valid protobuf message`));
+    }
     const answer = await generate(h.client, good).done;
     assert.equal(answer.ids.length, 2, 'a valid request is still answered');
   },
 );
+
+function rawUnary(path: string, payload: Buffer): Promise<{ code: number; details: string }> {
+  const client = ownConnection();
+  return new Promise((resolve) => {
+    client.makeUnaryRequest(path, identity, identity, payload, (err) => {
+      client.close();
+      resolve({ code: err?.code ?? grpc.status.OK, details: err?.details ?? '' });
+    });
+  });
+}
 
 function vqLog(): Record<string, unknown>[] {
   return readFileSync(join(h.work, 'logs', 'vq.log'), 'utf8')
@@ -250,5 +268,37 @@ test(
     assert.equal(storm.reset >= 1000, true);
     const again = await generate(h.client, good).done;
     assert.equal(again.ids.length, 2);
+  },
+);
+
+test(
+  'image requests past their deadline free the vq too: queued encodes are skipped',
+  { timeout: 120_000 },
+  async () => {
+    const before = vqLog().filter((l) => l.msg === 'encode cancelled').length;
+    const images = await Promise.all(Array.from({ length: 6 }, (_, i) => picture(256, 256, 4000 + i)));
+    const outcomes = await Promise.allSettled(
+      images.map(
+        (img) =>
+          generate(
+            h.client,
+            { parts: [{ image: { data: img } }, { text: 'Describe.' }], sampling: { maxNewTokens: 1 } },
+            { deadlineMs: 200 },
+          ).done,
+      ),
+    );
+    for (const o of outcomes) {
+      assert.equal(o.status, 'rejected');
+      assert.equal((o as PromiseRejectedResult).reason.code, grpc.status.DEADLINE_EXCEEDED);
+    }
+    let cancelled: Record<string, unknown>[] = [];
+    for (let i = 0; i < 50 && cancelled.length < 5; i++) {
+      cancelled = vqLog()
+        .filter((l) => l.msg === 'encode cancelled')
+        .slice(before);
+      await sleep(100);
+    }
+    assert.ok(cancelled.filter((l) => l.step === 'queued').length >= 4, JSON.stringify(cancelled.map((l) => l.step)));
+    await timedImageRequest(4100); // and the next image request is answered
   },
 );
