@@ -145,9 +145,11 @@ async function* incoming(
   call: grpc.ServerDuplexStream<unknown, unknown>,
   signal: AbortSignal,
 ): AsyncGenerator<unknown> {
+  let onAbort = () => {};
   const aborted = new Promise<never>((_, reject) => {
-    if (signal.aborted) reject(signal.reason);
-    signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+    onAbort = () => reject(signal.reason);
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
   });
   aborted.catch(() => {}); // observed below; never an unhandled rejection
   // destroyOnReturn false: the default iterator destroys the whole duplex when reading ends, which would cut off the
@@ -160,6 +162,7 @@ async function* incoming(
       yield next.value;
     }
   } finally {
+    signal.removeEventListener('abort', onAbort);
     void it.return?.();
   }
 }

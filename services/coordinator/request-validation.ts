@@ -1,6 +1,6 @@
 // Validation of a Generate request (a plain object as @grpc/proto-loader gives it with keepCase false and
 // defaults false, so unset `optional` fields are undefined). Every refusal is an InvalidArgumentError naming the
-// proto field and the limit. Defaults are Emu3-Chat's (EMU3.md §3.2): greedy, at most 1024 new tokens, stop at eos.
+// proto field and the limit. Defaults are Emu3-Chat's (docs/model.md, "Understanding (Emu3-Chat)"): greedy, at most 1024 new tokens, stop at eos.
 import { InvalidArgumentError } from './errors.js';
 
 export interface GenerateRequestLike {
@@ -84,6 +84,20 @@ export const defaultLimits: RequestLimits = {
   maxRequestIdChars: 128,
 };
 
+/**
+ * The last stage receives temperature and repetition penalty as float32 and computes, in float32, positive logits ÷
+ * penalty (negative ones × penalty) and then ÷ temperature. Below these minima a value narrows to a float32
+ * subnormal or 0 (1e-46 → 0, which the shard reads as "off") or the quotient overflows to ±inf (NaN logprobs):
+ * with both at their minimum, a logit of magnitude up to 3.4e26 still scales to a finite float32 (3.4e38 is the
+ * largest), far beyond any real logit. At 1e-6 the draw is already greedy for any logit gap above 1e-5.
+ */
+export const MIN_TEMPERATURE = 1e-6;
+export const MAX_TEMPERATURE = 100;
+export const MIN_REPETITION_PENALTY = 1e-6;
+export const MAX_REPETITION_PENALTY = 10;
+/** The seed is a uint32 on the wire and seeds a 32-bit generator. */
+export const MAX_SEED = 0xffffffff;
+
 const taskNames: Record<string, number> = { TASK_UNSPECIFIED: 0, TASK_UNDERSTAND: 1, TASK_GENERATE_IMAGE: 2 };
 
 function isSet<T>(v: T | null | undefined): v is T {
@@ -138,18 +152,27 @@ function validateTask(task: GenerateRequestLike['task']): 'understand' {
 
 function validateSampling(s: NonNullable<GenerateRequestLike['sampling']>, limits: RequestLimits): ValidSampling {
   const f = (name: string) => `sampling.${name}`;
-  const temperature = s.temperature ?? chatDefaults.temperature;
-  if (!Number.isFinite(temperature) || temperature < 0 || temperature > 100)
-    bad(f('temperature'), `${temperature} must be a finite number in [0, 100] (0 = greedy)`);
+  const requested = s.temperature ?? chatDefaults.temperature;
+  const temperature = requested === 0 ? 0 : requested; // -0 is greedy too
+  if (temperature !== 0 && !(temperature >= MIN_TEMPERATURE && temperature <= MAX_TEMPERATURE))
+    bad(
+      f('temperature'),
+      `${temperature} must be 0 (greedy) or in [${MIN_TEMPERATURE.toExponential()}, ${MAX_TEMPERATURE}] ` +
+        '(the last stage divides float32 logits by it: smaller values vanish or overflow in float32)',
+    );
   const topK = integerIn(f('top_k'), s.topK ?? chatDefaults.topK, 0, limits.maxTopK);
   const topP = s.topP ?? chatDefaults.topP;
   if (!(topP > 0 && topP <= 1)) bad(f('top_p'), `${topP} must be in (0, 1]`);
   const minP = s.minP ?? chatDefaults.minP;
   if (!(minP >= 0 && minP <= 1)) bad(f('min_p'), `${minP} must be in [0, 1]`);
   const repetitionPenalty = s.repetitionPenalty ?? chatDefaults.repetitionPenalty;
-  if (!Number.isFinite(repetitionPenalty) || repetitionPenalty <= 0 || repetitionPenalty > 10)
-    bad(f('repetition_penalty'), `${repetitionPenalty} must be in (0, 10] (1 = off)`);
-  const seed = isSet(s.seed) ? integerIn(f('seed'), Number(s.seed), 0, 0xffffffff) : null;
+  if (!(repetitionPenalty >= MIN_REPETITION_PENALTY && repetitionPenalty <= MAX_REPETITION_PENALTY))
+    bad(
+      f('repetition_penalty'),
+      `${repetitionPenalty} must be in [${MIN_REPETITION_PENALTY.toExponential()}, ${MAX_REPETITION_PENALTY}] (1 = off; ` +
+        'the last stage divides float32 logits by it: smaller values vanish or overflow in float32)',
+    );
+  const seed = isSet(s.seed) ? integerIn(f('seed'), Number(s.seed), 0, MAX_SEED) : null;
   const maxNew = limits.contextLength - 1;
   const maxNewTokensExplicit = isSet(s.maxNewTokens) && s.maxNewTokens !== 0;
   const maxNewTokens = maxNewTokensExplicit

@@ -12,11 +12,12 @@ import { implement, serverStream, unary } from '../../lib/rpc/handlers.js';
 import { HEALTH_PROTO } from '../../lib/rpc/health.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { protoRoot } from '../../lib/rpc/proto.js';
+import { decodeRequestsInHandlers } from '../../lib/rpc/request-decoding.js';
 import { type RunningServer, type ServiceBinding, serve } from '../../lib/rpc/serve.js';
 import type { ForwardResponse } from '../../lib/rpc/shard-wire.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
-import { Engine, type EngineEvent } from './engine.js';
+import { Engine } from './engine.js';
 import {
   InternalError,
   InvalidArgumentError,
@@ -25,6 +26,7 @@ import {
   statusOf,
   UnavailableError,
 } from './errors.js';
+import { EventQueue } from './event-queue.js';
 import { commonCapacity } from './kv-manager.js';
 import { PipelineClient } from './pipeline-client.js';
 import { Recovery } from './recovery.js';
@@ -110,27 +112,6 @@ function mapCoordinatorError(err: unknown): RpcError | undefined {
     return new RpcError(code, message);
   }
   return undefined;
-}
-
-/** An unbounded async queue of engine events for one call. */
-class EventQueue {
-  private readonly items: EngineEvent[] = [];
-  private wake: (() => void) | null = null;
-  push(e: EngineEvent): void {
-    this.items.push(e);
-    this.wake?.();
-  }
-  async next(signal: AbortSignal): Promise<EngineEvent> {
-    while (this.items.length === 0) {
-      if (signal.aborted) throw signal.reason;
-      await new Promise<void>((resolve) => {
-        this.wake = resolve;
-        signal.addEventListener('abort', () => resolve(), { once: true });
-      });
-      this.wake = null;
-    }
-    return this.items.shift()!;
-  }
 }
 
 interface Deps {
@@ -393,14 +374,14 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
   const pkg = publicPackage();
   const definition = (grpc.loadPackageDefinition(pkg).emu3 as grpc.GrpcObject).v1 as grpc.GrpcObject;
   const services: ServiceBinding[] = [
-    {
+    decodeRequestsInHandlers({
       name: PUBLIC_SERVICE,
       definition: (definition.Emu3 as grpc.ServiceClientConstructor).service,
       implementation: publicImplementation(
         { tokenizer, engine, vq, limits, shape, stages, modelName: basename(opts.modelDir), opts },
         log,
       ),
-    },
+    }),
   ];
   const reflection = new ReflectionService(pkg);
   reflection.addToServer({

@@ -55,11 +55,9 @@ export class VqClient {
   ): Promise<CodeGrid> {
     let res: EncodeResponse;
     try {
-      res = await unaryCall<object, EncodeResponse>(
-        this.client,
-        'Encode',
+      res = await this.encodeCall(
         { image: Buffer.from(data.buffer, data.byteOffset, data.byteLength), mime_type: mimeType },
-        { deadlineMs: this.timeoutMs },
+        signal,
       );
     } catch (err) {
       if (signal?.aborted) throw signal.reason;
@@ -74,6 +72,36 @@ export class VqClient {
     const codes = new Int32Array(n);
     for (let i = 0; i < n; i++) codes[i] = res.codes.readInt32LE(i * 4);
     return { height: res.h, width: res.w, codes };
+  }
+
+  /**
+   * One Encode call, cancelled when `signal` aborts (the Generate call was cancelled or passed its deadline), so the
+   * VQ service drops the request from its queue, or stops it after preprocessing, instead of encoding for nobody.
+   */
+  private encodeCall(request: object, signal?: AbortSignal): Promise<EncodeResponse> {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    return new Promise<EncodeResponse>((resolve, reject) => {
+      type EncodeMethod = (
+        req: object,
+        metadata: grpc.Metadata,
+        options: grpc.CallOptions,
+        callback: grpc.requestCallback<EncodeResponse>,
+      ) => grpc.ClientUnaryCall;
+      const encode = (this.client as unknown as { Encode: EncodeMethod }).Encode;
+      const onAbort = () => call.cancel();
+      const call = encode.call(
+        this.client,
+        request,
+        new grpc.Metadata(),
+        { deadline: Date.now() + this.timeoutMs },
+        (err, res) => {
+          signal?.removeEventListener('abort', onAbort);
+          if (err) reject(err);
+          else resolve(res as EncodeResponse);
+        },
+      );
+      signal?.addEventListener('abort', onAbort, { once: true });
+    });
   }
 
   close(): void {

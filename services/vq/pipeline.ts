@@ -75,8 +75,22 @@ export async function checkImage(bytes: Uint8Array, info: VqModelInfo): Promise<
   targetSize(header.height, header.width, info.preprocessor);
 }
 
-export async function encodeImage(codec: VqCodec, bytes: Uint8Array, info: VqModelInfo): Promise<EncodedImage> {
+export interface EncodeSteps {
+  /** Checked after preprocessing: once aborted, the model is not run (its reason is thrown). */
+  signal?: AbortSignal;
+  /** Called as the model run starts (it cannot be interrupted once started). */
+  onModelStart?: () => void;
+}
+
+export async function encodeImage(
+  codec: VqCodec,
+  bytes: Uint8Array,
+  info: VqModelInfo,
+  steps: EncodeSteps = {},
+): Promise<EncodedImage> {
   const image = await preprocessImage(bytes, info.preprocessor, { maxInputPixels: info.pixelLimit });
+  if (steps.signal?.aborted) throw steps.signal.reason;
+  steps.onModelStart?.();
   const { h, w, codes } = await codec.encode(image.pixels, image.height, image.width);
   return {
     h,

@@ -1,6 +1,9 @@
 // A bounded pool: each request takes a worker (one request in flight per worker); when all are busy it waits in a
 // FIFO queue of at most `queueLimit`; one more is refused at once with RESOURCE_EXHAUSTED, so overload never becomes
-// unbounded memory. A request whose client goes away while it waits leaves the queue.
+// unbounded memory. A request whose client goes away while it waits leaves the queue (skipped); one that is running
+// is abandoned: its caller is answered at once and its result dropped, and the task gets the signal so it can stop
+// at its next step. The worker is handed to the next request when the task settles (a task that cannot be
+// interrupted, such as an ORT run, keeps its worker until it ends).
 import { Cancelled, ResourceExhausted } from '../../lib/rpc/errors.js';
 
 interface Waiter<W> {
@@ -36,18 +39,44 @@ export class WorkerPool<W> {
     return this.size - this.idle.length;
   }
 
-  /** Runs `task` on a free worker, waiting in the queue if needed. */
-  async run<T>(task: (worker: W) => Promise<T>, signal?: AbortSignal): Promise<T> {
+  /** Requests whose caller went away: `skipped` before they started, `abandoned` while they ran. */
+  readonly cancelled = { skipped: 0, abandoned: 0 };
+
+  /**
+   * Runs `task` on a free worker, waiting in the queue if needed. Once `signal` aborts, this rejects with Cancelled
+   * at once, whether the task is queued (it never starts) or running (its result is dropped).
+   */
+  async run<T>(task: (worker: W, signal?: AbortSignal) => Promise<T>, signal?: AbortSignal): Promise<T> {
     const worker = await this.acquire(signal);
-    try {
-      return await task(worker);
-    } finally {
-      this.release(worker);
-    }
+    const running = Promise.resolve()
+      .then(() => task(worker, signal))
+      .finally(() => this.release(worker));
+    if (!signal) return running;
+    return new Promise<T>((resolve, reject) => {
+      const onAbort = () => {
+        this.cancelled.abandoned++;
+        reject(new Cancelled(`${this.name}: request cancelled while running; its result is dropped`));
+      };
+      running.then(
+        (value) => {
+          signal.removeEventListener('abort', onAbort);
+          resolve(value);
+        },
+        (err: unknown) => {
+          signal.removeEventListener('abort', onAbort);
+          reject(err);
+        },
+      );
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    });
   }
 
   private acquire(signal?: AbortSignal): Promise<W> {
-    if (signal?.aborted) return Promise.reject(new Cancelled(`${this.name}: request cancelled before it started`));
+    if (signal?.aborted) {
+      this.cancelled.skipped++;
+      return Promise.reject(new Cancelled(`${this.name}: request cancelled before it started`));
+    }
     const free = this.idle.pop();
     if (free !== undefined) return Promise.resolve(free);
     if (this.waiting.length >= this.queueLimit) {
@@ -62,6 +91,7 @@ export class WorkerPool<W> {
       const onAbort = () => {
         const i = this.waiting.indexOf(waiter);
         if (i >= 0) this.waiting.splice(i, 1);
+        this.cancelled.skipped++;
         reject(new Cancelled(`${this.name}: request cancelled while queued`));
       };
       const waiter: Waiter<W> = {

@@ -31,6 +31,14 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
     { service: 'VqService', log: deps.log, mapError: mapVqError },
     {
       Encode: unary(async (req: EncodeRequest, ctx): Promise<EncodeResponse> => {
+        let cancelledAt = 0;
+        ctx.signal.addEventListener(
+          'abort',
+          () => {
+            cancelledAt = performance.now();
+          },
+          { once: true },
+        );
         if (req.mime_type.length > MAX_MIME_TYPE_LENGTH) {
           throw new InvalidArgument(
             `mime_type is ${req.mime_type.length} characters, more than the limit of ${MAX_MIME_TYPE_LENGTH}`,
@@ -39,7 +47,31 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
         if (req.image.length === 0) throw new InvalidArgument('image is empty (0 bytes)');
         await checkImage(req.image, info);
         const started = performance.now();
-        const r = await pool.run((codec) => encodeImage(codec, req.image, info), ctx.signal);
+        // Where the request was when its caller went away: still queued (never run), preprocessing (the model run is
+        // skipped) or in the model (the ORT run cannot be interrupted: it ends in its worker, its result dropped).
+        let step = 'queued' as 'queued' | 'preprocessing' | 'model';
+        let r: Awaited<ReturnType<typeof encodeImage>>;
+        try {
+          r = await pool.run((codec, signal) => {
+            step = 'preprocessing';
+            return encodeImage(codec, req.image, info, {
+              signal,
+              onModelStart: () => {
+                step = 'model';
+              },
+            }).finally(() => {
+              if (signal?.aborted && step === 'model')
+                ctx.log.info('abandoned encode finished', {
+                  busyMsAfterCancel: Math.round(performance.now() - cancelledAt),
+                });
+            });
+          }, ctx.signal);
+        } catch (err) {
+          if (ctx.signal.aborted) {
+            ctx.log.info('encode cancelled', { step, modelSkipped: step !== 'model', ...pool.cancelled });
+          }
+          throw err;
+        }
         ctx.log.debug('encoded', {
           bytes: req.image.length,
           mimeType: req.mime_type || undefined,

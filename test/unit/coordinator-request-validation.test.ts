@@ -76,7 +76,11 @@ test('each bad field is refused with InvalidArgument naming the field and the li
   rejects({ ...good, task: 'TASK_BOGUS' }, 'task', /unknown task "TASK_BOGUS"/);
   rejects({ ...good, task: 7 }, 'task', /unknown task 7/);
   rejects({ ...good, task: 'TASK_GENERATE_IMAGE' }, 'task', /not supported yet/);
-  rejects({ ...good, sampling: { temperature: Number.NaN } }, 'sampling.temperature', /NaN must be .*\[0, 100\]/);
+  rejects(
+    { ...good, sampling: { temperature: Number.NaN } },
+    'sampling.temperature',
+    /NaN must be 0 \(greedy\) or in \[1e-6, 100\]/,
+  );
   rejects({ ...good, sampling: { temperature: -0.5 } }, 'sampling.temperature', /-0.5/);
   rejects({ ...good, sampling: { topP: 0 } }, 'sampling.top_p', /\(0, 1\]/);
   rejects({ ...good, sampling: { topP: 1.5 } }, 'sampling.top_p', /\(0, 1\]/);
@@ -85,7 +89,7 @@ test('each bad field is refused with InvalidArgument naming the field and the li
   rejects({ ...good, sampling: { topK: 5000 } }, 'sampling.top_k', /\[0, 2048\]/);
   rejects({ ...good, sampling: { minP: 1.1 } }, 'sampling.min_p', /\[0, 1\]/);
   rejects({ ...good, sampling: { minP: -0.1 } }, 'sampling.min_p', /\[0, 1\]/);
-  rejects({ ...good, sampling: { repetitionPenalty: 0 } }, 'sampling.repetition_penalty', /\(0, 10\]/);
+  rejects({ ...good, sampling: { repetitionPenalty: 0 } }, 'sampling.repetition_penalty', /0 must be in \[1e-6, 10\]/);
   rejects({ ...good, sampling: { seed: -1 } }, 'sampling.seed', /4294967295/);
   rejects({ ...good, sampling: { maxNewTokens: 20000 } }, 'sampling.max_new_tokens', /\[1, 9215\]/);
   rejects({ ...good, sampling: { stop: [''] } }, 'sampling.stop[0]', /empty/);
@@ -121,4 +125,64 @@ test('prompt length against the context: too long refused, an explicit max_new_t
     (e: unknown) =>
       e instanceof InvalidArgumentError && e.field === 'sampling.max_new_tokens' && /at most 499/.test(e.message),
   );
+});
+
+// The last stage's arithmetic in float32 (lib/onnx/sampling-head.ts): positive logits ÷ penalty, then ÷ temperature.
+function lastStageScaled(logit: number, penalty: number, temperature: number): number {
+  const f = Math.fround;
+  const penalised = logit < 0 ? f(f(logit) * f(penalty)) : f(f(logit) / f(penalty));
+  return f(penalised / f(temperature));
+}
+
+test('temperatures that vanish or overflow in float32 are refused; the smallest accepted one stays finite', () => {
+  for (const t of [1e-38, 1e-44, 1e-46, 5e-324, 2.2e-308, 1e-7, 9.99e-7, Number.POSITIVE_INFINITY, 100.5]) {
+    rejects(
+      { ...good, sampling: { temperature: t } },
+      'sampling.temperature',
+      /must be 0 \(greedy\) or in \[1e-6, 100\]/,
+    );
+  }
+  rejects({ ...good, sampling: { temperature: Number.NEGATIVE_INFINITY } }, 'sampling.temperature', /-Infinity/);
+  // What the old range let through: 1e-38 overflows a logit of 10, 1e-46 narrows to 0 ("greedy" on the shard).
+  assert.equal(lastStageScaled(10, 1, 1e-38), Number.POSITIVE_INFINITY);
+  assert.equal(Math.fround(1e-46), 0);
+  for (const t of [1e-6, 0.7, 100]) {
+    assert.equal(validateGenerateRequest({ ...good, sampling: { temperature: t } }).sampling.temperature, t);
+  }
+  assert.equal(validateGenerateRequest({ ...good, sampling: { temperature: -0 } }).sampling.temperature, 0);
+  // The documented bound: at both minima a logit of ±3.4e26 is still finite in float32, and float32 holds 1e-6 as a
+  // normal number.
+  for (const logit of [3.4e26, -3.4e26]) assert.ok(Number.isFinite(lastStageScaled(logit, 1e-6, 1e-6)));
+  assert.ok(Math.fround(1e-6) > 1.1754943508222875e-38);
+});
+
+test('repetition penalties that vanish or overflow in float32 are refused', () => {
+  for (const p of [1e-38, 1e-44, 1e-46, 5e-324, 9.9e-7, -1, Number.POSITIVE_INFINITY, 10.01]) {
+    rejects({ ...good, sampling: { repetitionPenalty: p } }, 'sampling.repetition_penalty', /must be in \[1e-6, 10\]/);
+  }
+  assert.equal(lastStageScaled(10, 1e-38, 1), Number.POSITIVE_INFINITY);
+  assert.equal(Math.fround(1e-46), 0);
+  for (const p of [1e-6, 1.1, 10]) {
+    assert.equal(
+      validateGenerateRequest({ ...good, sampling: { repetitionPenalty: p } }).sampling.repetitionPenalty,
+      p,
+    );
+  }
+});
+
+test('seed: [0, 2^32 - 1] as a number or a 64-bit decimal string, anything else refused naming the range', () => {
+  for (const seed of [0, 4294967295, '4294967295']) {
+    assert.equal(validateGenerateRequest({ ...good, sampling: { seed } }).sampling.seed, Number(seed));
+  }
+  for (const seed of [
+    4294967296,
+    '4294967296',
+    -1,
+    2 ** 53 + 2,
+    '18446744073709551615',
+    1.5,
+    Number.POSITIVE_INFINITY,
+  ]) {
+    rejects({ ...good, sampling: { seed } }, 'sampling.seed', /must be an integer in \[0, 4294967295\]/);
+  }
 });
