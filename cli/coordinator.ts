@@ -1,5 +1,6 @@
 // `emu3 coordinator`: the public service in front of a shard pipeline and a VQ service.
 import { createLogger } from '../lib/rpc/log.js';
+import { checkListenable } from '../lib/rpc/serve.js';
 import { startCoordinator } from '../services/coordinator/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
@@ -43,6 +44,7 @@ const spec: CommandSpec = {
 export const command: Command = {
   spec,
   async run(flags) {
+    await checkListenable(flags.required('listen'));
     const shards = flags
       .required('shards')
       .split(',')
