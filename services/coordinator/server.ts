@@ -59,6 +59,7 @@ export interface CoordinatorOptions {
   drainTimeoutMs: number;
   log: Logger;
   handleSignals?: boolean;
+  limits?: Partial<RequestLimits>;
 }
 
 export interface RunningCoordinator {
@@ -273,6 +274,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     contextLength: Math.min(config.maxPositionEmbeddings, shape.kvSlotTokens),
     maxImages: opts.maxImages,
     maxTopK: Math.min(defaultLimits.maxTopK, shape.maxTopK || defaultLimits.maxTopK),
+    ...opts.limits,
   };
   log.info('pipeline checked', {
     stages: stages.map((s) => `${s.address}[${s.info.layer_begin},${s.info.layer_end})`),
