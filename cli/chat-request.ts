@@ -9,7 +9,10 @@ export const chatSpec: CommandSpec = {
   usage: 'emu3 chat [--addr HOST:PORT] [--image FILE]... [sampling flags] "text"',
   flags: {
     addr: { help: 'coordinator address', default: '127.0.0.1:50051' },
-    image: { help: 'an image file to ask about (repeatable; images come before the text)', repeatable: true },
+    image: {
+      help: 'an image file to ask about (repeatable; images come before the text; default: none)',
+      repeatable: true,
+    },
     temperature: { help: 'softmax temperature in [0, 100]; 0 = greedy (default: 0)' },
     'top-k': { help: "keep the k most likely tokens; 0 = off, at most the server's max_top_k (default: 0)" },
     'top-p': { help: 'nucleus sampling mass in (0, 1]; 1 = off (default: 1)' },
@@ -18,7 +21,7 @@ export const chatSpec: CommandSpec = {
     seed: { help: 'sampling seed in [0, 2^32-1] (default: chosen by the server, printed at the end)' },
     'max-new-tokens': { help: 'most tokens to generate, ≥ 1 (default: 1024, shortened to fit the context)' },
     stop: {
-      help: "a stop string (repeatable; at most the server's max_stop_strings, each 1 to max_stop_chars long)",
+      help: "a stop string (repeatable; at most the server's max_stop_strings, each 1 to max_stop_chars long; default: none)",
       repeatable: true,
     },
     'ignore-eos': { boolean: true, help: 'keep generating past the end-of-sequence token (default: off)' },
@@ -128,7 +131,7 @@ export function summaryLine(f: FinalLike): string {
  */
 export function explainError(code: string, details: string, address: string): string {
   const clean = details.replace(/\.?\s*Resolution note:\s*$/, '').trim();
-  if (code === 'UNAVAILABLE' && /No connection established|ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|connect /.test(clean)) {
+  if (code === 'UNAVAILABLE' && /^No connection established/.test(clean)) {
     const last = /Last error: (.*)$/.exec(clean)?.[1];
     return `nothing answers at ${address}: is \`npm start\` (emu3 up) running?${last ? ` (${last.replace(/\.$/, '')})` : ''}`;
   }

@@ -58,6 +58,11 @@ const commands: Entry[] = [
   },
 ];
 
+/** Every command's flag spec (loads every command module). */
+export async function commandSpecs(): Promise<CommandSpec[]> {
+  return Promise.all(commands.map(async (c) => (await c.load()).spec));
+}
+
 function topHelp(): string {
   const width = Math.max(...commands.map((c) => c.name.length)) + 2;
   return [

@@ -50,11 +50,11 @@ export const upSpec: CommandSpec = {
       default: String(DEFAULT_RESTART_POLICY.maxBackoffMs),
     },
     'coordinator-arg': {
-      help: 'an extra flag for the coordinator, e.g. --coordinator-arg=--max-text-chars=1000 (repeatable; see emu3 coordinator --help)',
+      help: 'an extra flag for the coordinator, e.g. --coordinator-arg=--max-text-chars=1000 (repeatable; see emu3 coordinator --help; default: none)',
       repeatable: true,
     },
     'shard-arg': {
-      help: 'an extra flag for every shard, e.g. --shard-arg=--max-slots=32 (repeatable; see emu3 shard --help)',
+      help: 'an extra flag for every shard, e.g. --shard-arg=--max-slots=32 (repeatable; see emu3 shard --help; default: none)',
       repeatable: true,
     },
   },
