@@ -37,10 +37,12 @@ export interface UpProcess {
 /** The repository root: `up` runs there, as `npm start` does. */
 export const repoRoot = dirname(dirname(binPath()));
 
-export function spawnUp(args: string[]): UpProcess {
+/** `group`: `up` leads a process group of its own, so a test can signal the group as a terminal's Ctrl-C does. */
+export function spawnUp(args: string[], opts: { group?: boolean } = {}): UpProcess {
   const proc = spawn(process.execPath, [binPath(), 'up', ...args], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: opts.group ?? false,
   });
   const lines: string[] = [];
   const pids = new Map<string, number>();
@@ -102,8 +104,12 @@ export function spawnUp(args: string[]): UpProcess {
 }
 
 /** Starts `up` and waits for its "emu3 is serving ... on ADDR" line; returns the public address too. */
-export async function startUp(args: string[], timeoutMs = 120_000): Promise<UpProcess & { address: string }> {
-  const up = spawnUp(args);
+export async function startUp(
+  args: string[],
+  timeoutMs = 120_000,
+  opts: { group?: boolean } = {},
+): Promise<UpProcess & { address: string }> {
+  const up = spawnUp(args, opts);
   try {
     const line = await up.waitFor(/^emu3 is serving .* on (\S+) \(/, timeoutMs);
     const address = /on (\S+) \(/.exec(line)![1];
