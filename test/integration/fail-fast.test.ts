@@ -137,3 +137,26 @@ test(
     }
   },
 );
+
+test(
+  'emu3 chat with nothing at the address says so and names npm start; a bad flag is refused before any call',
+  { timeout: 30_000 },
+  async () => {
+    const free = createServer();
+    await new Promise<void>((resolve) => free.listen(0, '127.0.0.1', resolve));
+    const address = `127.0.0.1:${(free.address() as { port: number }).port}`;
+    await new Promise<void>((resolve) => free.close(() => resolve()));
+    const r = await emu3(['chat', '--addr', address, 'Hello!']);
+    assert.equal(r.code, 1);
+    assert.match(
+      r.stderr,
+      new RegExp(`emu3 chat: nothing answers at ${address}: is \`npm start\` \\(emu3 up\\) running\\?`),
+    );
+    assert.doesNotMatch(r.stderr, /Resolution note/);
+    const seed = await emu3(['chat', '--addr', address, '--seed', '-1', 'Hello!']);
+    assert.equal(seed.code, 2);
+    assert.equal(seed.stderr, 'emu3 chat: --seed must be in [0, 4294967295], got -1\n');
+    const version = await emu3(['--version']);
+    assert.match(version.stdout, /^emu3-serve \d+\.\d+\.\d+\n$/);
+  },
+);
