@@ -106,6 +106,25 @@ test(
     ]);
     assert.equal(again.stdout, sampled.stdout);
     assert.match(again.stderr, new RegExp(`seed ${seed},`));
+    const extras = await chat([
+      '--return-token-ids',
+      '--top-logprobs',
+      '2',
+      '--max-new-tokens',
+      '3',
+      '--ignore-eos',
+      'Hi',
+    ]);
+    const ids = /^token ids: (.*)$/m.exec(extras.stderr)?.[1].split(' ');
+    assert.equal(ids?.length, 3, extras.stderr);
+    const logprobs = extras.stderr
+      .split('\n')
+      .filter((l) => /^\d+ -?\d+\.\d{4} {2}top: \d+:-?\d+\.\d{4} \d+:-?\d+\.\d{4}$/.test(l));
+    assert.deepEqual(
+      logprobs.map((l) => l.split(' ')[0]),
+      ids,
+      'one logprob line per generated token, with 2 alternatives',
+    );
   },
 );
 
