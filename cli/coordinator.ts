@@ -1,5 +1,7 @@
 // `emu3 coordinator`: the public service in front of a shard pipeline and a VQ service.
 import { createLogger } from '../lib/rpc/log.js';
+import { checkListenable } from '../lib/rpc/serve.js';
+import { defaultLimits, type RequestLimits } from '../services/coordinator/request-validation.js';
 import { startCoordinator } from '../services/coordinator/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
@@ -30,6 +32,18 @@ const spec: CommandSpec = {
     'prefix-cache-entries': { help: 'cached prompt prefixes kept on the shards (0 = no prefix cache)', default: '16' },
     'min-prefix-match': { help: 'shortest shared prefix taken from the cache', default: '4' },
     'max-images': { help: 'most image parts per request', default: '4' },
+    'max-image-bytes': { help: 'most bytes per image', default: String(defaultLimits.maxImageBytes) },
+    'max-text-chars': { help: 'most characters over all text parts', default: String(defaultLimits.maxTextChars) },
+    'max-stop-strings': { help: 'most stop strings per request', default: String(defaultLimits.maxStopStrings) },
+    'max-stop-chars': { help: 'most characters per stop string', default: String(defaultLimits.maxStopChars) },
+    'max-top-k': {
+      help: `largest top_k (default: ${defaultLimits.maxTopK}, or fewer when the last stage returns fewer candidates)`,
+    },
+    'max-top-logprobs': { help: 'largest top_logprobs', default: String(defaultLimits.maxTopLogprobs) },
+    'max-request-id-chars': {
+      help: 'most characters of a request_id',
+      default: String(defaultLimits.maxRequestIdChars),
+    },
     'max-message-bytes': {
       help: 'largest request message; larger ones get RESOURCE_EXHAUSTED',
       default: String(96 * 1024 * 1024),
@@ -53,12 +67,23 @@ const spec: CommandSpec = {
 export const command: Command = {
   spec,
   async run(flags) {
+    await checkListenable(flags.required('listen'));
     const shards = flags
       .required('shards')
       .split(',')
       .map((s) => s.trim())
       .filter((s) => s !== '');
     if (shards.length === 0) throw new UsageError('coordinator: --shards needs at least one address');
+    const limits: Partial<RequestLimits> = {
+      maxImageBytes: flags.int('max-image-bytes', 1, 2 ** 31 - 1)!,
+      maxTextChars: flags.int('max-text-chars', 1, 100_000_000)!,
+      maxStopStrings: flags.int('max-stop-strings', 0, 1024)!,
+      maxStopChars: flags.int('max-stop-chars', 1, 65_536)!,
+      maxTopLogprobs: flags.int('max-top-logprobs', 0, 1024)!,
+      maxRequestIdChars: flags.int('max-request-id-chars', 0, 65_536)!,
+    };
+    const maxTopK = flags.int('max-top-k', 0, 1_000_000);
+    if (maxTopK !== undefined) limits.maxTopK = maxTopK;
     const coordinator = await startCoordinator({
       modelDir: flags.required('model'),
       shards,
@@ -73,6 +98,7 @@ export const command: Command = {
       prefixCacheEntries: flags.int('prefix-cache-entries', 0, 100_000)!,
       minPrefixMatch: flags.int('min-prefix-match', 1, 1_000_000)!,
       maxImages: flags.int('max-images', 0, 1024)!,
+      limits,
       maxMessageBytes: flags.int('max-message-bytes', 1024, 2 ** 31 - 1)!,
       startTimeoutMs: flags.int('start-timeout-ms', 0)!,
       drainTimeoutMs: flags.int('drain-timeout-ms', 0)!,

@@ -14,8 +14,8 @@ export const command: Command = {
     usage:
       'emu3 logits --model DIR --tokens 1,2,3 [--layers A-B] [--precision fp32|int4] [--top 20] [--steps N] [--cache-dir DIR]',
     flags: {
-      model: { help: 'model directory (config.json + safetensors)' },
-      tokens: { help: 'comma-separated token ids of the prompt' },
+      model: { help: 'model directory (config.json + safetensors), required' },
+      tokens: { help: 'comma-separated token ids of the prompt, required' },
       layers: {
         help: 'run layers [A, B) as one stage and the rest as further stages (default: all layers in one stage)',
       },

@@ -1,6 +1,7 @@
 // The `emu3` command: one entry point that starts any service or client. Each subcommand lives in its own module
 // and is imported only when run, so `emu3 --help` stays fast and a client never loads ORT.
 import { type CommandSpec, Flags, formatHelp, parseArgs, UsageError } from './args.js';
+import { packageVersion } from './version.js';
 
 export interface Command {
   spec: CommandSpec;
@@ -57,12 +58,17 @@ const commands: Entry[] = [
   },
 ];
 
+/** Every command's flag spec (loads every command module). */
+export async function commandSpecs(): Promise<CommandSpec[]> {
+  return Promise.all(commands.map(async (c) => (await c.load()).spec));
+}
+
 function topHelp(): string {
   const width = Math.max(...commands.map((c) => c.name.length)) + 2;
   return [
     'emu3: serve BAAI Emu3 models as gRPC microservices',
     '',
-    'usage: emu3 <command> [flags]    (emu3 <command> --help for its flags)',
+    'usage: emu3 <command> [flags]    (emu3 <command> --help for its flags; emu3 --version)',
     '',
     'commands:',
     ...commands.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
@@ -74,6 +80,11 @@ export async function run(argv: string[]): Promise<number> {
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     console.log(topHelp());
     return name === undefined ? 2 : 0;
+  }
+  if (name === '--version' || name === '-V' || name === 'version') {
+    const { name: pkg, version } = packageVersion();
+    console.log(`${pkg} ${version}`);
+    return 0;
   }
   const entry = commands.find((c) => c.name === name);
   if (!entry) {

@@ -2,6 +2,7 @@
 
 import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { createLogger } from '../lib/rpc/log.js';
+import { checkListenable } from '../lib/rpc/serve.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/capacity.js';
 import { startShardServer } from '../services/shard/server.js';
 import { type CommandSpec, UsageError } from './args.js';
@@ -55,6 +56,7 @@ export function parseLayers(s: string): [number, number] {
 export const command: Command = {
   spec,
   async run(flags) {
+    await checkListenable(flags.required('listen'));
     const log = createLogger('shard');
     const layers = parseLayers(flags.required('layers'));
     const running = await startShardServer({

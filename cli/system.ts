@@ -1,16 +1,21 @@
 // A whole emu3 system as separate child processes on loopback: vq, N shards (layers split evenly, each told its next
 // hop) and the coordinator. Used by `emu3 up`, the integration tests and bench/serve. Each child's stderr is kept
-// (the last lines, for error reports) and optionally copied to a log file.
+// (the last lines, for error reports) and optionally copied to a log file. A child counts as up only once it has
+// itself logged "listening" on its address and then answers health there, so another process that happens to
+// answer at that address is never mistaken for it. With `supervise`, a child that dies is started again at the same
+// address (cli/restart-policy.ts) while the others keep running.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync, type WriteStream } from 'node:fs';
 import { createServer } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import type { Emu3Config } from '../lib/model/config.js';
 import { createClient, unaryCall } from '../lib/rpc/client.js';
 import { HEALTH_PROTO, HEALTH_SERVICE } from '../lib/rpc/health.js';
+import { describeExit, onFailure, type RestartPolicy } from './restart-policy.js';
 
 export interface SystemOptions {
   modelDir: string;
@@ -29,8 +34,17 @@ export interface SystemOptions {
   logDir?: string;
   /** Health wait limit. Default 180 s. */
   readyTimeoutMs?: number;
-  /** Called with progress lines. */
+  /** Called with progress lines (each child's start names its pid and address). */
   progress?: (line: string) => void;
+  /** Restart children that die after the system is up; unset: a dead child stays dead. */
+  supervise?: SupervisePolicy;
+}
+
+export interface SupervisePolicy extends RestartPolicy {
+  /** Lines about deaths and restarts that need attention (default: progress). */
+  problem?: (line: string) => void;
+  /** Called once when `name` died more than maxRestarts times within windowMs; it is not restarted again. */
+  onGiveUp?: (child: Child) => void;
 }
 
 export interface Child {
@@ -39,7 +53,12 @@ export interface Child {
   process: ChildProcess;
   /** The last lines of its stderr/stdout. */
   tail: string[];
+  /** The exit code (128 when killed by a signal). */
   exited: Promise<number | null>;
+  /** How it ended. */
+  ended: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Resolves when the child itself logged "listening" on `address`. */
+  listening: Promise<void>;
 }
 
 export interface RunningSystem {
@@ -49,9 +68,15 @@ export interface RunningSystem {
   shardAddresses: string[];
   /** Each shard's layers [a, b). */
   stages: [number, number][];
+  /** The running children; a restarted child replaces its predecessor in place. */
   children: Child[];
-  /** SIGTERM to every child, then SIGKILL after `graceMs`; resolves when all have exited. */
+  /**
+   * SIGTERM to the coordinator first (it drains its answers), then, once it has exited, to the shards and vq; each
+   * group is SIGKILLed if it has not exited `graceMs` after its SIGTERM. Resolves when all have exited.
+   */
   stop(graceMs?: number): Promise<void>;
+  /** SIGKILL to every child now; resolves when all have exited. */
+  kill(): Promise<void>;
 }
 
 const TAIL_LINES = 40;
@@ -128,41 +153,90 @@ export function splitLayers(layers: number, stages: number, costs?: StageCosts):
   return out;
 }
 
-export function startChild(name: string, address: string, args: string[], logDir?: string): Child {
-  const proc = spawn(process.execPath, [binPath(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+export interface ChildOptions {
+  /** Append to the log file instead of starting it afresh (a restart). */
+  appendLog?: boolean;
+}
+
+/**
+ * Starts `emu3 <args>` as a child in its own process group (a terminal's Ctrl-C reaches only the parent, which stops
+ * the system in order) that stops by itself when the parent goes away (bin/emu3.js watches the stdin pipe).
+ */
+export function startChild(
+  name: string,
+  address: string,
+  args: string[],
+  logDir?: string,
+  opts: ChildOptions = {},
+): Child {
+  const proc = spawn(process.execPath, [binPath(), ...args], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+    detached: true,
+    env: { ...process.env, EMU3_EXIT_WITH_PARENT: '1' },
+  });
   const tail: string[] = [];
   let log: WriteStream | undefined;
   if (logDir) {
     mkdirSync(logDir, { recursive: true });
-    log = createWriteStream(join(logDir, `${name}.log`));
+    log = createWriteStream(join(logDir, `${name}.log`), { flags: opts.appendLog ? 'a' : 'w' });
   }
-  const keep = (chunk: Buffer) => {
-    log?.write(chunk);
-    for (const line of chunk.toString('utf8').split('\n')) {
-      if (line === '') continue;
-      tail.push(line);
-      if (tail.length > TAIL_LINES) tail.shift();
+  let heard!: () => void;
+  const listening = new Promise<void>((resolve) => {
+    heard = resolve;
+  });
+  const keep = (line: string) => {
+    log?.write(`${line}\n`);
+    if (line === '') return;
+    tail.push(line);
+    if (tail.length > TAIL_LINES) tail.shift();
+    if (line.startsWith('{') && line.includes('"listening"')) {
+      try {
+        const record = JSON.parse(line) as { msg?: string; address?: string };
+        if (record.msg === 'listening' && record.address === address) heard();
+      } catch {
+        // not a log record
+      }
     }
   };
-  proc.stdout?.on('data', keep);
-  proc.stderr?.on('data', keep);
-  const exited = new Promise<number | null>((resolve) =>
+  if (proc.stdout) createInterface({ input: proc.stdout }).on('line', keep);
+  if (proc.stderr) createInterface({ input: proc.stderr }).on('line', keep);
+  proc.stdin?.on('error', () => {}); // the child may be gone before the pipe is closed
+  const ended = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     proc.on('exit', (code, signal) => {
-      log?.end();
-      resolve(code ?? (signal ? 128 : null));
+      // The last lines may still be in the pipes: give them a moment before the log file is closed.
+      setTimeout(() => {
+        log?.end();
+        resolve({ code, signal });
+      }, 50);
     }),
   );
-  return { name, address, process: proc, tail, exited };
+  const exited = ended.then(({ code, signal }) => code ?? (signal ? 128 : null));
+  return { name, address, process: proc, tail, exited, ended, listening };
 }
 
-/** Polls grpc.health.v1 Check('') until SERVING; rejects when `child` exits first or time runs out. */
+/**
+ * Waits until `child` itself logged "listening" on its address and then answers grpc.health.v1 Check('') SERVING
+ * there; rejects when it exits first or time runs out.
+ */
 export async function waitHealthy(child: Child, timeoutMs: number): Promise<void> {
-  const client = createClient(HEALTH_PROTO, HEALTH_SERVICE, child.address);
   let exitCode: number | null | undefined;
   void child.exited.then((c) => {
     exitCode = c;
   });
   const until = Date.now() + timeoutMs;
+  let timer: NodeJS.Timeout | undefined;
+  const listened = await Promise.race([
+    child.listening.then(() => 'listening' as const),
+    child.ended.then((e) => e),
+    new Promise<'timeout'>((resolve) => {
+      timer = setTimeout(() => resolve('timeout'), timeoutMs);
+    }),
+  ]);
+  clearTimeout(timer);
+  if (listened === 'timeout') throw new ChildFailed(child, `did not listen within ${timeoutMs} ms`);
+  if (listened !== 'listening')
+    throw new ChildFailed(child, `${describeExit(listened.code, listened.signal)} before becoming healthy`);
+  const client = createClient(HEALTH_PROTO, HEALTH_SERVICE, child.address);
   try {
     for (;;) {
       if (exitCode !== undefined) throw new ChildFailed(child, `exited with code ${exitCode} before becoming healthy`);
@@ -174,7 +248,7 @@ export async function waitHealthy(child: Child, timeoutMs: number): Promise<void
         if (code !== grpc.status.UNAVAILABLE && code !== grpc.status.DEADLINE_EXCEEDED) throw err;
       }
       if (Date.now() > until) throw new ChildFailed(child, `not healthy within ${timeoutMs} ms`);
-      await new Promise((r) => setTimeout(r, 200));
+      await new Promise((r) => setTimeout(r, 100));
     }
   } finally {
     client.close();
@@ -192,13 +266,125 @@ export class ChildFailed extends Error {
   }
 }
 
-async function stopAll(children: Child[], graceMs: number): Promise<void> {
-  for (const c of children) if (c.process.exitCode === null) c.process.kill('SIGTERM');
+function alive(c: Child): boolean {
+  return c.process.exitCode === null && c.process.signalCode === null;
+}
+
+async function stopGroup(children: Child[], graceMs: number): Promise<void> {
+  for (const c of children) if (alive(c)) c.process.kill('SIGTERM');
   const timer = setTimeout(() => {
-    for (const c of children) if (c.process.exitCode === null) c.process.kill('SIGKILL');
+    for (const c of children) if (alive(c)) c.process.kill('SIGKILL');
   }, graceMs);
   await Promise.all(children.map((c) => c.exited));
   clearTimeout(timer);
+}
+
+/** The coordinator first (so it can finish its answers through a live pipeline), then everything else. */
+async function stopInOrder(children: Child[], graceMs: number): Promise<void> {
+  const isCoordinator = (c: Child) => c.name.startsWith('coordinator');
+  await stopGroup(children.filter(isCoordinator), graceMs);
+  await stopGroup(
+    children.filter((c) => !isCoordinator(c)),
+    graceMs,
+  );
+}
+
+async function killAll(children: Child[]): Promise<void> {
+  for (const c of children) if (alive(c)) c.process.kill('SIGKILL');
+  await Promise.all(children.map((c) => c.exited));
+}
+
+interface ChildRecipe {
+  name: string;
+  address: string;
+  args: string[];
+}
+
+/** Restarts each child of `children` that dies, at its address, until stopped or the policy gives up on it. */
+class Supervisor {
+  private stopped = false;
+  private readonly timers = new Set<NodeJS.Timeout>();
+
+  constructor(
+    private readonly children: Child[],
+    private readonly recipes: ChildRecipe[],
+    private readonly policy: SupervisePolicy,
+    private readonly logDir: string | undefined,
+    private readonly readyTimeoutMs: number,
+    private readonly info: (line: string) => void,
+  ) {
+    for (let i = 0; i < children.length; i++) this.watch(i, []);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    for (const t of this.timers) clearTimeout(t);
+    this.timers.clear();
+  }
+
+  private problem(line: string): void {
+    (this.policy.problem ?? this.info)(line);
+  }
+
+  private watch(i: number, failures: number[]): void {
+    const child = this.children[i];
+    void child.ended.then(({ code, signal }) => {
+      if (this.stopped) return;
+      this.onDeath(
+        i,
+        failures,
+        `${child.name} (${child.address}, pid ${child.process.pid}) ${describeExit(code, signal)}`,
+      );
+    });
+  }
+
+  private onDeath(i: number, failures: number[], what: string): void {
+    const child = this.children[i];
+    const decision = onFailure(this.policy, failures, Date.now());
+    const lines = child.tail.slice(-10).map((l) => `    ${l}`);
+    if (decision.action === 'give-up') {
+      this.problem(
+        `${what}; giving up on it: ${decision.failures} failures within ${this.policy.windowMs} ms ` +
+          `(--max-restarts ${this.policy.maxRestarts}); its last log lines:\n${lines.join('\n')}`,
+      );
+      this.policy.onGiveUp?.(child);
+      return;
+    }
+    this.problem(
+      `${what}; restarting it in ${decision.delayMs} ms (restart ${decision.attempt} of at most ` +
+        `${this.policy.maxRestarts} within ${this.policy.windowMs} ms); its last log lines:\n${lines.join('\n')}`,
+    );
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      if (!this.stopped) void this.restart(i, failures);
+    }, decision.delayMs);
+    this.timers.add(timer);
+  }
+
+  private async restart(i: number, failures: number[]): Promise<void> {
+    const recipe = this.recipes[i];
+    const child = startChild(recipe.name, recipe.address, recipe.args, this.logDir, { appendLog: true });
+    this.children[i] = child;
+    this.info(`${recipe.name} restarted (pid ${child.process.pid}) on ${recipe.address}`);
+    const started = Date.now();
+    try {
+      await waitHealthy(child, this.readyTimeoutMs);
+    } catch (err) {
+      if (this.stopped) return;
+      if (alive(child)) child.process.kill('SIGKILL');
+      await child.exited;
+      if (this.stopped) return;
+      this.onDeath(
+        i,
+        failures,
+        `${recipe.name} (${recipe.address}) failed to come back: ${(err as Error).message.split('\n')[0]}`,
+      );
+      return;
+    }
+    if (this.stopped) return;
+    this.info(`${recipe.name} is back on ${recipe.address} (healthy ${Date.now() - started} ms after its restart)`);
+    this.watch(i, failures);
+  }
 }
 
 export async function startSystem(opts: SystemOptions, config: Emu3Config): Promise<RunningSystem> {
@@ -215,42 +401,48 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
   // only pays when each stage has cores of its own; here it halves the batch, so every weight is read twice as
   // often per token, while the stages still compete for the same cores (measured in BENCHMARKS.md "Serving").
   const coordinatorArgs = [...(opts.coordinatorArgs ?? [])];
-  if (!coordinatorArgs.includes('--max-in-flight')) coordinatorArgs.push('--max-in-flight', '1');
+  if (!coordinatorArgs.some((a) => a === '--max-in-flight' || a.startsWith('--max-in-flight=')))
+    coordinatorArgs.push('--max-in-flight', '1');
   const host = '127.0.0.1';
   const vqAddress = `${host}:${await freePort()}`;
   const shardAddresses: string[] = [];
   for (let i = 0; i < stages.length; i++) shardAddresses.push(`${host}:${await freePort()}`);
   const address = opts.listen ?? `${host}:${await freePort()}`;
   const children: Child[] = [];
+  const recipes: ChildRecipe[] = [];
   const timeout = opts.readyTimeoutMs ?? 180_000;
+  const launch = (recipe: ChildRecipe): Child => {
+    const child = startChild(recipe.name, recipe.address, recipe.args, opts.logDir);
+    progress(`${recipe.name} started (pid ${child.process.pid}) on ${recipe.address}`);
+    return child;
+  };
   try {
-    children.push(
-      startChild(
-        'vq',
-        vqAddress,
-        ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress],
-        opts.logDir,
-      ),
-    );
+    const vq: ChildRecipe = {
+      name: 'vq',
+      address: vqAddress,
+      args: ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress],
+    };
     // Last stage first, so each stage's next hop is already starting when it dials it.
-    const shardChildren: Child[] = [];
+    const shards: ChildRecipe[] = [];
     for (let i = stages.length - 1; i >= 0; i--) {
       const [a, b] = stages[i];
       const args = ['shard', '--model', opts.modelDir, '--layers', `${a}-${b}`, '--listen', shardAddresses[i]];
       if (i + 1 < stages.length) args.push('--next', shardAddresses[i + 1]);
       if (opts.precision) args.push('--precision', opts.precision);
       args.push(...shardArgs);
-      shardChildren.unshift(startChild(`shard-${i}`, shardAddresses[i], args, opts.logDir));
+      shards.unshift({ name: `shard-${i}`, address: shardAddresses[i], args });
     }
-    children.push(...shardChildren);
     progress(
       `starting vq on ${vqAddress} and ${stages.length} shard(s): ${stages.map(([a, b], i) => `layers ${a}-${b} on ${shardAddresses[i]}`).join(', ')}`,
     );
+    children.push(launch(vq));
+    for (const shard of [...shards].reverse()) children.splice(1, 0, launch(shard));
+    recipes.push(vq, ...shards);
     await Promise.all(children.map((c) => waitHealthy(c, timeout)));
-    const coordinator = startChild(
-      'coordinator',
+    const coordinator: ChildRecipe = {
+      name: 'coordinator',
       address,
-      [
+      args: [
         'coordinator',
         '--model',
         opts.modelDir,
@@ -262,21 +454,31 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
         address,
         ...coordinatorArgs,
       ],
-      opts.logDir,
-    );
-    children.push(coordinator);
+    };
     progress(`starting the coordinator on ${address}`);
-    await waitHealthy(coordinator, timeout);
+    children.push(launch(coordinator));
+    recipes.push(coordinator);
+    await waitHealthy(children[children.length - 1], timeout);
   } catch (err) {
-    await stopAll(children, 3000);
+    await stopInOrder(children, 3000);
     throw err;
   }
+  const supervisor = opts.supervise
+    ? new Supervisor(children, recipes, opts.supervise, opts.logDir, timeout, progress)
+    : undefined;
   return {
     address,
     vqAddress,
     shardAddresses,
     stages,
     children,
-    stop: (graceMs = 10_000) => stopAll(children, graceMs),
+    stop: (graceMs = 10_000) => {
+      supervisor?.stop();
+      return stopInOrder(children, graceMs);
+    },
+    kill: () => {
+      supervisor?.stop();
+      return killAll(children);
+    },
   };
 }

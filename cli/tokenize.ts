@@ -9,7 +9,7 @@ export const command: Command = {
     summary: 'show the Emu3 token ids of a text and the piece each one decodes to',
     usage: 'emu3 tokenize --model DIR [--json] "text" ["more text" …]',
     flags: {
-      model: { help: 'model directory holding emu3.tiktoken, emu3_vision_tokens.txt and config.json' },
+      model: { help: 'model directory holding emu3.tiktoken, emu3_vision_tokens.txt and config.json, required' },
       json: { help: 'print {"ids": [...], "pieces": [...]} as JSON instead of a table', boolean: true },
     },
   },

@@ -1,35 +1,28 @@
 // `emu3 up` (= `npm start`): the whole system on this machine as separate processes on loopback: vq, N shards and the
-// coordinator. Generates emu3-tiny first when the default model directory is missing.
+// coordinator, kept running. Generates emu3-tiny first when the default model directory is missing.
+//
+// Supervision: a process that dies is started again at the same address after a short, growing delay (the
+// coordinator keeps its answers and prefills them again once a stage is back); the others keep running. After
+// --max-restarts deaths within --restart-window-ms it gives up on that process: on vq, `up` keeps serving text-only
+// requests and says that image requests will fail; on a shard or the coordinator nothing can be answered any more,
+// so it stops everything and exits 1.
+//
+// Stopping: the children run in their own process group, so a terminal's Ctrl-C reaches only `up`. The first
+// SIGINT/SIGTERM sends SIGTERM to the coordinator (it stops admission and lets running answers finish within
+// --drain-timeout-ms), then, once it has exited, to the shards and vq. A second Ctrl-C kills everything at once.
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { loadEmu3Config } from '../lib/model/config.js';
-import type { CommandSpec } from './args.js';
+import { checkListenable, parseAddress } from '../lib/rpc/serve.js';
+import { UsageError } from './args.js';
 import type { Command } from './main.js';
-import { binPath, ChildFailed, startSystem } from './system.js';
+import { binPath, type Child, ChildFailed, freePort, type RunningSystem, startSystem } from './system.js';
+import { upOptions, upSpec } from './up-options.js';
 
-const DEFAULT_MODEL = join('models', 'emu3-tiny');
-
-const spec: CommandSpec = {
-  name: 'up',
-  summary: 'start vq, the shards and the coordinator as separate processes (emu3-tiny by default)',
-  usage: 'emu3 up [--model DIR] [--vq DIR] [--shards N] [--listen HOST:PORT] [--precision fp32|int4]',
-  flags: {
-    model: {
-      help: `model directory; generated (emu3 make-tiny) when it is the default and missing`,
-      default: DEFAULT_MODEL,
-    },
-    vq: { help: 'VQ model directory (default: <model>/vq)' },
-    shards: {
-      help: 'pipeline stages, each a process; layers are split so every stage reads about the same weight bytes per token (the last stage also runs lm_head, so it gets fewer layers)',
-      default: '2',
-    },
-    listen: { help: 'public address of the coordinator', default: '127.0.0.1:50051' },
-    precision: { help: 'shard weight precision: fp32 or int4', default: 'fp32' },
-    'log-dir': { help: 'write each process log to DIR/<name>.log (default: logs are kept in memory only)' },
-    'ready-timeout-ms': { help: 'how long the processes may take to become healthy', default: '300000' },
-  },
-};
+/** A repeat of the same signal this soon is the same Ctrl-C (npm and the shell may pass it on too). */
+const SAME_SIGNAL_MS = 500;
+/** After the coordinator's drain timeout, how long `up` still waits for it before SIGKILL. */
+const DRAIN_MARGIN_MS = 10_000;
 
 function makeTiny(dir: string): Promise<void> {
   console.log(`emu3 up: ${dir} is missing; generating emu3-tiny (random weights, real tokenizer) ...`);
@@ -46,28 +39,78 @@ function makeTiny(dir: string): Promise<void> {
   });
 }
 
+/** The committed sample image, as a path to paste from the current directory. */
+function sampleImage(): string {
+  const file = join(dirname(binPath()), '..', 'examples', 'cat.png');
+  const rel = relative(process.cwd(), file);
+  return rel.startsWith('..') ? file : rel;
+}
+
 export const command: Command = {
-  spec,
+  spec: upSpec,
   async run(flags) {
-    const modelDir = flags.required('model');
-    if (!existsSync(join(modelDir, 'config.json'))) {
-      if (resolve(modelDir) !== resolve(DEFAULT_MODEL)) throw new Error(`--model ${modelDir}: no config.json there`);
-      await makeTiny(modelDir);
+    const opts = upOptions(flags);
+    let listen = opts.listen;
+    try {
+      await checkListenable(listen);
+    } catch (err) {
+      console.error(`emu3 up: ${(err as Error).message}`);
+      return 1;
     }
-    const config = loadEmu3Config(modelDir);
-    const shards = flags.int('shards', 1, config.numHiddenLayers)!;
-    let system: Awaited<ReturnType<typeof startSystem>>;
+    const { host, port } = parseAddress(listen);
+    if (port === 0) listen = `${host}:${await freePort()}`;
+    if (opts.generateModel) await makeTiny(opts.modelDir);
+    const config = loadEmu3Config(opts.modelDir);
+    if (opts.shards > config.numHiddenLayers)
+      throw new UsageError(
+        `up: --shards ${opts.shards} must be in [1, ${config.numHiddenLayers}] (the model's layers)`,
+      );
+
+    let finish!: (code: number) => void;
+    const finished = new Promise<number>((res) => {
+      finish = res;
+    });
+    let system: RunningSystem | undefined;
+    let stopping = false;
+    const stop = async (why: string, code: number): Promise<void> => {
+      if (stopping || !system) return;
+      stopping = true;
+      console.log(
+        `emu3 up: ${why}: draining (running answers may take up to ${opts.drainTimeoutMs} ms; Ctrl-C again kills everything) ...`,
+      );
+      await system.stop(opts.drainTimeoutMs + DRAIN_MARGIN_MS);
+      finish(code);
+    };
+    const onGiveUp = (child: Child) => {
+      if (child.name === 'vq') {
+        console.error(
+          'emu3 up: ERROR vq is down for good: requests with images now fail (UNAVAILABLE); text-only requests are still served. Restart `emu3 up` to bring vq back.',
+        );
+        return;
+      }
+      console.error(
+        `emu3 up: ERROR ${child.name} cannot be kept running, so nothing can be answered; stopping all processes`,
+      );
+      void stop(`${child.name} is down for good`, 1);
+    };
     try {
       system = await startSystem(
         {
-          modelDir,
-          vqDir: flags.string('vq'),
-          shards,
-          precision: flags.string('precision'),
-          listen: flags.required('listen'),
-          logDir: flags.string('log-dir'),
-          readyTimeoutMs: flags.int('ready-timeout-ms', 1000)!,
+          modelDir: opts.modelDir,
+          vqDir: opts.vqDir,
+          shards: opts.shards,
+          precision: opts.precision,
+          listen,
+          logDir: opts.logDir,
+          readyTimeoutMs: opts.readyTimeoutMs,
+          coordinatorArgs: [...opts.coordinatorArgs, '--drain-timeout-ms', String(opts.drainTimeoutMs)],
+          shardArgs: opts.shardArgs,
           progress: (line) => console.log(`emu3 up: ${line}`),
+          supervise: {
+            ...opts.restart,
+            problem: (line) => console.error(`emu3 up: ${line}`),
+            onGiveUp,
+          },
         },
         config,
       );
@@ -78,49 +121,40 @@ export const command: Command = {
       }
       throw err;
     }
-    const addr = system.address;
+    const running = system;
+    let lastSignal = 0;
+    const onSignal = (sig: NodeJS.Signals) => {
+      const now = Date.now();
+      if (!stopping) {
+        lastSignal = now;
+        void stop(`${sig}`, 0);
+        return;
+      }
+      if (now - lastSignal < SAME_SIGNAL_MS) return;
+      console.log(`emu3 up: ${sig} again: killing all processes`);
+      void running.kill().then(() => finish(130));
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+
+    const addr = running.address;
     console.log(
       [
         '',
-        `emu3 is serving ${modelDir} on ${addr} (emu3.v1.Emu3, grpc.health.v1, server reflection)`,
-        `  vq ${system.vqAddress}; shards ${system.shardAddresses.join(' → ')}`,
+        `emu3 is serving ${opts.modelDir} on ${addr} (emu3.v1.Emu3, grpc.health.v1, server reflection)`,
+        `  vq ${running.vqAddress}; shards ${running.shardAddresses.join(' → ')}`,
         '',
         'try:',
-        `  npx emu3 chat --addr ${addr} --image photo.png "Describe the image."`,
+        `  npx emu3 chat --addr ${addr} --image ${sampleImage()} "Describe the image."`,
         `  npx buf curl --protocol grpc --http2-prior-knowledge -d '{"parts":[{"text":"Hello!"}],"sampling":{"maxNewTokens":16}}' http://${addr}/emu3.v1.Emu3/Generate`,
         `  npx buf curl --protocol grpc --http2-prior-knowledge http://${addr}/emu3.v1.Emu3/GetModelInfo`,
         '',
-        'Ctrl-C stops everything.',
+        'Ctrl-C drains and stops everything; a second Ctrl-C kills at once.',
       ].join('\n'),
     );
-    let stopping = false;
-    const stop = async (why: string): Promise<void> => {
-      if (stopping) return;
-      stopping = true;
-      console.log(`emu3 up: ${why}; stopping all processes ...`);
-      await system.stop();
-    };
-    const signalled = new Promise<number>((res) => {
-      const on = (sig: NodeJS.Signals) => {
-        if (stopping) {
-          for (const c of system.children) c.process.kill('SIGKILL');
-          return;
-        }
-        void stop(sig).then(() => res(0));
-      };
-      process.on('SIGINT', on);
-      process.on('SIGTERM', on);
-    });
-    const died = Promise.race(system.children.map((c) => c.exited.then((code) => ({ child: c, code })))).then(
-      async ({ child, code }) => {
-        if (stopping) return 0;
-        console.error(`emu3 up: ${child.name} exited unexpectedly (code ${code}); its last log lines:`);
-        for (const line of child.tail) console.error(`  ${line}`);
-        await stop(`${child.name} died`);
-        return 1;
-      },
-    );
-    const code = await Promise.race([signalled, died]);
+    const code = await finished;
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
     console.log('emu3 up: stopped');
     return code;
   },

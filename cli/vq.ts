@@ -5,7 +5,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { RpcError } from '../lib/rpc/errors.js';
 import { createLogger } from '../lib/rpc/log.js';
-import { DEFAULT_MAX_MESSAGE_BYTES } from '../lib/rpc/serve.js';
+import { checkListenable, DEFAULT_MAX_MESSAGE_BYTES } from '../lib/rpc/serve.js';
 import { VqCodec } from '../lib/vq/codec.js';
 import { DEFAULT_MAX_INPUT_PIXELS } from '../lib/vq/image-decode.js';
 import { gridFromJson, gridToJson } from '../services/vq/codes.js';
@@ -60,6 +60,7 @@ const spec: CommandSpec = {
 };
 
 async function serveCommand(flags: Flags): Promise<number> {
+  await checkListenable(flags.required('listen'));
   const log = createLogger('vq');
   const server = await startVqServer({
     vqDir: flags.required('vq'),

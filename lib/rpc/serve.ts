@@ -1,7 +1,10 @@
-// Start a gRPC server the same way in every service: bind, health, message limits, a parseable "listening" log line,
-// and a graceful drain on SIGTERM/SIGINT (health → NOT_SERVING, stop accepting, finish in-flight calls, release
+// Start a gRPC server the same way in every service: bind, health, server reflection, message limits, a parseable
+// "listening" log line, and a graceful drain on SIGTERM/SIGINT (health → NOT_SERVING, stop accepting, finish in-flight calls, release
 // resources, resolve `closed`). A second signal, or the drain timeout, cuts remaining calls off.
+import { createServer } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
+import type { PackageDefinition } from '@grpc/proto-loader';
+import { ReflectionService } from '@grpc/reflection';
 import { HealthService } from './health.js';
 import type { Logger } from './log.js';
 
@@ -36,6 +39,11 @@ export interface ServeOptions {
   onClose?: () => Promise<void> | void;
   /** Drain on SIGTERM and SIGINT. Default true. */
   handleSignals?: boolean;
+  /**
+   * Serve grpc.reflection.v1 and v1alpha ServerReflection for every service (health included). Default true. Skipped
+   * when `services` already holds a grpc.reflection.* binding, so a caller that adds its own does not clash.
+   */
+  reflection?: boolean;
 }
 
 export interface RunningServer {
@@ -60,6 +68,63 @@ export function parseAddress(address: string): { host: string; port: number } {
   return { host: m[1], port };
 }
 
+const REFLECTION_PREFIX = 'grpc.reflection.';
+
+/**
+ * ServerReflection bindings describing `services`: @grpc/reflection reads the file descriptors that proto-loader
+ * attaches to every method's request and response types, so each service's own .proto files are what it reports.
+ */
+export function reflectionBindings(services: ServiceBinding[]): ServiceBinding[] {
+  const types: PackageDefinition = {};
+  let n = 0;
+  for (const s of services) {
+    for (const method of Object.values(s.definition) as { requestType?: unknown; responseType?: unknown }[]) {
+      for (const type of [method.requestType, method.responseType]) {
+        const protos = (type as { fileDescriptorProtos?: unknown } | undefined)?.fileDescriptorProtos;
+        if (Array.isArray(protos)) types[`t${n++}`] = { fileDescriptorProtos: protos } as never;
+      }
+    }
+  }
+  const out: ServiceBinding[] = [];
+  new ReflectionService(types, { services: services.map((s) => s.name) }).addToServer({
+    addService: (definition: grpc.ServiceDefinition, implementation: grpc.UntypedServiceImplementation) => {
+      const first = Object.values(definition)[0] as { path: string };
+      out.push({ name: first.path.split('/')[1], definition, implementation });
+    },
+  });
+  return out;
+}
+
+/** The reason a listen failed, in words, from the Node error code somewhere in `message`. */
+export function listenFailureReason(message: string): string {
+  const reasons: Record<string, string> = {
+    EADDRINUSE: 'the address is already in use (EADDRINUSE): is another emu3 process running there?',
+    EACCES: 'permission denied (EACCES): ports below 1024 need privileges',
+    EADDRNOTAVAIL: 'this machine has no such address (EADDRNOTAVAIL)',
+    ENOTFOUND: 'the host name does not resolve (ENOTFOUND)',
+    EAI_AGAIN: 'the host name does not resolve (EAI_AGAIN)',
+  };
+  for (const [code, reason] of Object.entries(reasons)) if (message.includes(code)) return reason;
+  return message;
+}
+
+/**
+ * Fails fast when `address` cannot be listened on (bad form, port in use, foreign host): binds a plain TCP socket
+ * there and closes it at once. Services call it before loading anything, so a taken port is reported in
+ * milliseconds, not after the model has loaded. Port 0 is only checked for its host.
+ */
+export async function checkListenable(address: string): Promise<void> {
+  const { host, port } = parseAddress(address);
+  const bare = host.startsWith('[') ? host.slice(1, -1) : host;
+  await new Promise<void>((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', (err: NodeJS.ErrnoException) =>
+      reject(new Error(`cannot listen on ${address}: ${listenFailureReason(err.code ?? err.message)}`)),
+    );
+    probe.listen({ host: bare, port, exclusive: true }, () => probe.close(() => resolve()));
+  });
+}
+
 export async function serve(opts: ServeOptions): Promise<RunningServer> {
   const { host } = parseAddress(opts.address);
   const log = opts.log;
@@ -72,11 +137,21 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
   const health = new HealthService('NOT_SERVING');
   server.addService(health.definition(), health.implementation(log.child({ component: 'health' })));
   for (const s of opts.services) server.addService(s.definition, s.implementation);
+  const hasReflection = opts.services.some((s) => s.name.startsWith(REFLECTION_PREFIX));
+  if (opts.reflection !== false && !hasReflection) {
+    const described: ServiceBinding[] = [
+      ...opts.services,
+      { name: 'grpc.health.v1.Health', definition: health.definition(), implementation: {} },
+    ];
+    for (const r of reflectionBindings(described)) server.addService(r.definition, r.implementation);
+  }
 
   const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(opts.address, grpc.ServerCredentials.createInsecure(), (err, bound) =>
-      err ? reject(new Error(`cannot listen on ${opts.address}: ${err.message}`)) : resolve(bound),
-    );
+    server.bindAsync(opts.address, grpc.ServerCredentials.createInsecure(), (err, bound) => {
+      if (!err) return resolve(bound);
+      server.forceShutdown(); // nothing bound: release what the server holds, so a failed service can exit
+      reject(new Error(`cannot listen on ${opts.address}: ${listenFailureReason(err.message)}`));
+    });
   });
   const address = `${host}:${port}`;
   for (const s of opts.services) health.set(s.name, 'SERVING');
