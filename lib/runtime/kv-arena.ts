@@ -69,6 +69,42 @@ export class KvArena {
     return bestStart;
   }
 
+  /**
+   * Like gather, for several groups of slots: each group occupies a contiguous range of rows and the groups lie side
+   * by side in one window; returns each group's first row. Two groups may be placed in either order, whichever
+   * moves fewer cached tokens, so a layout that already fits never moves.
+   */
+  arrange(groups: number[][]): number[] {
+    const first = this.gather(groups.flat());
+    const orders = groups.length === 2 ? [groups, [groups[1], groups[0]]] : [groups];
+    const cost = (order: number[][]) => {
+      let tokens = 0;
+      let begin = first;
+      for (const group of order) {
+        for (const slot of group) {
+          const r = this.rowOf[slot];
+          if (r < begin || r >= begin + group.length) tokens += this.filled[slot];
+        }
+        begin += group.length;
+      }
+      return tokens;
+    };
+    const order = orders.reduce((best, o) => (cost(o) < cost(best) ? o : best));
+    const starts = new Map<number[], number>();
+    let begin = first;
+    for (const group of order) {
+      starts.set(group, begin);
+      const members = new Set(group);
+      // Earlier groups are already in place, so a member outside this range sits in a later group's range.
+      const outside = group.filter((s) => this.rowOf[s] < begin || this.rowOf[s] >= begin + group.length);
+      for (let r = begin; r < begin + group.length; r++) {
+        if (!members.has(this.slotAt[r])) this.swapRows(r, this.rowOf[outside.pop() as number]);
+      }
+      begin += group.length;
+    }
+    return groups.map((g) => starts.get(g) as number);
+  }
+
   /** Views of layer `layer`'s K and V for rows [firstRow, firstRow + count). */
   view(layer: number, firstRow: number, count: number): { key: Float32Array; value: Float32Array } {
     const begin = firstRow * this.rowSize;
