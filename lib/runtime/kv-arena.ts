@@ -1,7 +1,8 @@
 // The KV cache of one stage: for each layer a K and a V buffer [rows, kvHeads, maxLen, headDim] in JS-owned memory.
-// A run feeds the rows of its micro-batch to the graph's attention as a zero-copy view, which needs those rows to be
-// contiguous: sequences live in logical slots, and the arena maps each slot to a physical row, moving a sequence
-// (only its filled prefix) when a micro-batch needs its rows side by side. Steady decode of a fixed batch never moves.
+// A run feeds the rows of each attention branch of its micro-batch (decode rows, prefill chunks: stage-graph.ts) to the
+// graph as a zero-copy view, which needs each branch's rows to be contiguous: sequences live in logical slots, and
+// the arena maps each slot to a physical row, moving a sequence (only its filled prefix) when a micro-batch needs its
+// rows side by side. Steady decode of a fixed batch never moves.
 
 export interface ArenaShape {
   layers: number;
