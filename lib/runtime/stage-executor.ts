@@ -15,7 +15,7 @@ export interface StageSession {
 }
 
 /** One attention branch of a call: its items (indices into the call's items, in arena row order) and row length. */
-export interface BranchPlan {
+interface BranchPlan {
   branch: Branch;
   members: number[];
   /** Query positions per row: 1 for decode, the longest chunk for chunk. */
@@ -54,13 +54,13 @@ export class StageExecutor {
         throw new Error(`forward: ${sampling.length} sampling rows for ${items.length} items (one per item)`);
       k = runTopK(sampling, V);
     }
+    // The head's inputs are always fed (checked before anything moves); only the fetched outputs are computed.
+    const rows = sampling ?? items.map(() => NEUTRAL_ROW);
+    const head = this.shape.isLast ? samplingFeeds(rows, V, sampling ? k : undefined) : {};
     const feeds = this.layout(items, input, offsets);
+    for (const [name, t] of Object.entries(head)) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
     const fetches = this.shape.layers.flatMap((layer) => [io.newKey(layer), io.newValue(layer)]);
     if (this.shape.isLast) {
-      // The head's inputs are always fed; only the fetched outputs are computed (no full row unless asked).
-      const rows = sampling ?? items.map(() => NEUTRAL_ROW);
-      for (const [name, t] of Object.entries(samplingFeeds(rows, V, sampling ? k : undefined)))
-        feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
       if (!sampling) fetches.push(io.logits);
       else {
         fetches.push(samplingIo.topIds, samplingIo.topLogprobs);
