@@ -318,13 +318,12 @@ function mixedText(rows: MixedRow[], mixedOnly: boolean): string {
   const lines = [
     MIXED_HEADING,
     '',
-    `Command: \`node dist/bench/stage.js --mixed\` (part of \`npm run bench:stage\`). One micro-batch of ${decodes} decode rows at`,
+    `Command: \`node dist/bench/stage.js --mixed --runs ${RUNS}\` (part of \`npm run bench:stage\`). One micro-batch of ${decodes} decode rows at`,
     `context ${context} plus one ${chunk}-token prefill chunk, as ONE forward call (one session run: every weight read once)`,
     'against the same work as two calls (the decode rows, then the chunk), alternating in one loop; medians of',
     `${RUNS} runs after a warm-up, and the fastest run of each. Tokens/s counts the ${decodes + chunk} new tokens of`,
-    "the step. What one run saves is the decode rows' own pass over the weights; a 256-token fp32 chunk is",
-    'compute-bound, so expect the saving to show most with int4, whose pass over the weights costs more than its',
-    'bytes (the int4 rows of the table above reach a lower GB/s).',
+    'the step. What one run saves is one pass over the weights, which costs about one batch-1 decode step (the',
+    "table's tok/s b1 ctx128, inverted); beside a 256-token chunk that is a few percent of the step.",
     ...(mixedOnly
       ? ['This block was rewritten alone by `--mixed`; the table above is from the last full `npm run bench:stage`.']
       : []),
