@@ -2,11 +2,14 @@
 // `small` preset (whole model in one stage) and on ONE decoder layer with the real Emu3 shapes (hidden 4096,
 // intermediate 14336, 32 heads, 8 KV heads: a middle stage of a 3-layer checkpoint). Also: weight bytes read per
 // token, bandwidth efficiency (achieved weight GB/s ÷ this machine's read bandwidth, measured in the same run),
-// peak RSS while building / loading ÷ weight bytes (each in a fresh child process), int4-vs-fp32 greedy agreement.
-// Usage: node dist/bench/stage.js [--dir DIR] [--runs N] [--no-write]   (DIR keeps the generated checkpoints)
+// peak RSS while building / loading ÷ weight bytes (each in a fresh child process), int4-vs-fp32 greedy agreement,
+// and a mixed micro-batch step (15 decode rows + one 256-token prefill chunk) as one run against the same work as
+// two runs (decodes, then the chunk), measured side by side.
+// Usage: node dist/bench/stage.js [--dir DIR] [--runs N] [--no-write] [--mixed]   (DIR keeps the generated
+// checkpoints; --mixed runs only the mixed-step comparison and rewrites only its part of the Stage section)
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import ort from 'onnxruntime-node';
@@ -18,7 +21,7 @@ import { GraphBuilder } from '../lib/onnx/graph.js';
 import type { Precision } from '../lib/onnx/stage-graph.js';
 import { type ForwardInput, StageRuntime } from '../lib/runtime/stage-runtime.js';
 import { Rng } from '../lib/util/rng.js';
-import { writeBenchSection } from './report.js';
+import { benchmarksPath, writeBenchSection } from './report.js';
 
 const args = process.argv.slice(2);
 const flag = (name: string) => {
@@ -233,6 +236,146 @@ async function benchModel(model: Model, precision: Precision): Promise<Row> {
   };
 }
 
+interface MixedRow {
+  model: string;
+  precision: Precision;
+  /** Median ms of the mixed step as one forward call (one session run). */
+  oneRun: number;
+  /** Median ms of the same work as two calls: the decode rows, then the chunk. */
+  twoRuns: number;
+  /** The two parts of twoRuns, medians. */
+  decodeOnly: number;
+  chunkOnly: number;
+  /** Fastest of the runs: other processes on the machine only ever add time. */
+  oneRunMin: number;
+  twoRunsMin: number;
+}
+
+const MIXED = { decodes: 15, context: 1024, chunk: 256 };
+
+/**
+ * 15 sequences at context 1024 decoding one token each, plus a 256-token prefill chunk of a 16th: one call against
+ * two calls, alternating in the same loop so that both see the same machine load.
+ */
+async function benchMixed(model: Model, precision: Precision): Promise<MixedRow> {
+  const { decodes, context, chunk } = MIXED;
+  const rt = await StageRuntime.open({
+    modelDir: model.dir,
+    layers: model.layers,
+    precision,
+    maxSequences: decodes + 1,
+    maxSequenceLength: context + chunk + 8,
+    cacheDir: join(benchDir, `cache-${model.layers.join('-')}-${precision}`),
+  });
+  const D = rt.hiddenSize;
+  const rng = new Rng(11);
+  const input = (tokens: number): ForwardInput =>
+    rt.isFirst
+      ? { tokens: Int32Array.from({ length: tokens }, () => rng.nextU32() % 151643) }
+      : { hidden: rng.fillNormal(new Float32Array(tokens * D), 1) };
+  for (let start = 0; start < context; start += 512) await rt.forward([{ slot: 0, start, length: 512 }], input(512));
+  for (let s = 1; s < decodes; s++) await rt.copyKv(0, s, context);
+  const decodeItems = Array.from({ length: decodes }, (_, slot) => ({ slot, start: context, length: 1 }));
+  // The chunk re-prefills positions [0, 256) of its slot each time (the same work every run).
+  const chunkItem = { slot: decodes, start: 0, length: chunk };
+  const one: number[] = [];
+  const dec: number[] = [];
+  const chk: number[] = [];
+  const two: number[] = [];
+  for (let i = 0; i < RUNS + 1; i++) {
+    const mixedInput = input(decodes + chunk);
+    const [decodeInput, chunkInput] = [input(decodes), input(chunk)];
+    let t = performance.now();
+    await rt.forward([...decodeItems, chunkItem], mixedInput);
+    const oneMs = performance.now() - t;
+    t = performance.now();
+    await rt.forward(decodeItems, decodeInput);
+    const decMs = performance.now() - t;
+    t = performance.now();
+    await rt.forward([chunkItem], chunkInput);
+    const chkMs = performance.now() - t;
+    if (i === 0) continue; // warm-up: the first run at a new shape grows ORT's arena
+    one.push(oneMs);
+    dec.push(decMs);
+    chk.push(chkMs);
+    two.push(decMs + chkMs);
+  }
+  await rt.close();
+  return {
+    model: model.name,
+    precision,
+    oneRun: median(one),
+    twoRuns: median(two),
+    decodeOnly: median(dec),
+    chunkOnly: median(chk),
+    oneRunMin: Math.min(...one),
+    twoRunsMin: Math.min(...two),
+  };
+}
+
+function mixedText(rows: MixedRow[], mixedOnly: boolean): string {
+  const { decodes, context, chunk } = MIXED;
+  const lines = [
+    MIXED_HEADING,
+    '',
+    `Command: \`node dist/bench/stage.js --mixed --runs ${RUNS}\` (part of \`npm run bench:stage\`). One micro-batch of ${decodes} decode rows at`,
+    `context ${context} plus one ${chunk}-token prefill chunk, as ONE forward call (one session run: every weight read once)`,
+    'against the same work as two calls (the decode rows, then the chunk), alternating in one loop; medians of',
+    `${RUNS} runs after a warm-up, and the fastest run of each. Tokens/s counts the ${decodes + chunk} new tokens of`,
+    'the step. What one run saves is one pass over the weights, which costs about one batch-1 decode step (the',
+    "table's tok/s b1 ctx128, inverted); beside a 256-token chunk that is a few percent of the step.",
+    ...(mixedOnly
+      ? ['This block was rewritten alone by `--mixed`; the table above is from the last full `npm run bench:stage`.']
+      : []),
+    '',
+    '| model | prec | one run ms | two runs ms (decodes + chunk) | one ÷ two | tok/s one run | tok/s two runs | fastest: one / two ms | fastest one ÷ two |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const r of rows) {
+    const tokens = decodes + chunk;
+    lines.push(
+      `| ${[
+        r.model,
+        r.precision,
+        r.oneRun.toFixed(1),
+        `${r.twoRuns.toFixed(1)} (${r.decodeOnly.toFixed(1)} + ${r.chunkOnly.toFixed(1)})`,
+        (r.oneRun / r.twoRuns).toFixed(2),
+        (tokens / (r.oneRun / 1000)).toFixed(1),
+        (tokens / (r.twoRuns / 1000)).toFixed(1),
+        `${r.oneRunMin.toFixed(1)} / ${r.twoRunsMin.toFixed(1)}`,
+        (r.oneRunMin / r.twoRunsMin).toFixed(2),
+      ].join(' | ')} |`,
+    );
+  }
+  lines.push('', `1-minute load average at the end: ${loadavg()[0].toFixed(1)} (this machine has 2 cores, shared).`);
+  return lines.join('\n');
+}
+
+const MIXED_HEADING = '### Mixed micro-batch step: one run against separate runs';
+
+/** Replaces only the mixed-step block at the end of the Stage section (for --mixed), keeping the rest as it is. */
+function writeMixedOnly(block: string): void {
+  const doc = readFileSync(benchmarksPath, 'utf8');
+  const start = doc.indexOf('## Stage\n');
+  if (start < 0) throw new Error(`${benchmarksPath} has no Stage section: run the whole bench first`);
+  const next = doc.indexOf('\n## ', start + 1);
+  const section = doc.slice(start + '## Stage\n'.length, next >= 0 ? next : doc.length);
+  const at = section.indexOf(MIXED_HEADING);
+  writeBenchSection('Stage', `${(at >= 0 ? section.slice(0, at) : section).trim()}\n\n${block}`);
+}
+
+async function mixedRows(models: Model[]): Promise<MixedRow[]> {
+  const rows: MixedRow[] = [];
+  for (const model of models) {
+    for (const precision of ['fp32', 'int4'] as const) {
+      const row = await benchMixed(model, precision);
+      console.error(JSON.stringify(row));
+      rows.push(row);
+    }
+  }
+  return rows;
+}
+
 /** Greedy agreement int4 vs fp32 on `small`: first 8 tokens on 3 prompts. */
 async function int4Agreement(model: Model): Promise<number[]> {
   const open = (precision: Precision) =>
@@ -323,6 +466,12 @@ async function main(): Promise<void> {
   mkdirSync(benchDir, { recursive: true });
   const started = Date.now();
   const models = [ensureSmall(), ensureRealLayer()];
+  if (args.includes('--mixed')) {
+    const block = `${mixedText(await mixedRows(models), true)}\n\nMixed-step time ${((Date.now() - started) / 1000).toFixed(0)} s.`;
+    console.log(block);
+    if (!args.includes('--no-write')) writeMixedOnly(block);
+    return;
+  }
   const bw = await readBandwidth();
   console.error(
     `read bandwidth: ORT ReduceSum ${bw.ort.toFixed(1)} GB/s, JS Float64Array sum ${bw.js.toFixed(1)} GB/s`,
@@ -336,12 +485,15 @@ async function main(): Promise<void> {
     }
   }
   const agree = await int4Agreement(models[0]);
+  const mixed = await mixedRows(models);
   const text = [
     table(rows, bw),
     '',
     `Machine read bandwidth in this run: ORT ReduceSum over 1 GiB ${bw.ort.toFixed(1)} GB/s, JS Float64Array sum ${bw.js.toFixed(1)} GB/s (efficiency uses the larger).`,
     `Weight bytes read per token = read/step MiB ÷ batch (a decode step reads every weight once, except the embedding table, which is gathered). GB/s = read/step bytes ÷ step time. int4 vs fp32 on small, first 8 greedy tokens agreeing on 3 prompts: ${agree.join(', ')}.`,
     `Total bench time ${((Date.now() - started) / 1000).toFixed(0)} s.`,
+    '',
+    mixedText(mixed, false),
   ].join('\n');
   console.log(text);
   if (!args.includes('--no-write')) writeSection(text);

@@ -1,18 +1,31 @@
 // The ONNX graph of one pipeline stage: decoder layers [first, end) of an Emu3 checkpoint, with the token embedding
 // on the first stage and the final norm + lm_head on the last (EMU3.md §1.2). One stage with all layers is the whole
-// model. Tokens are flattened: every activation is [T, hidden] with T = batch × new positions; only attention sees
-// the [batch, seq] structure.
+// model. One run serves a whole micro-batch, whatever its mix of decode rows and prefill chunks: every per-token
+// step (embedding, norms, projections, rotary, MLP) runs once over the call's T tokens flattened in item order, so
+// each weight is read once per run; only attention is per sequence, in two branches over the same flat tokens:
 //
-// Inputs                                  Outputs
-//   input_ids  int32 [B, S]  (first)        logits     float [B, vocab]  (last: the last position of each row)
-//   hidden_in  float [T, D]  (otherwise)    hidden_out float [T, D]      (otherwise)
-//   position_ids int64 [B, S]               layers.N.new_key / new_value float [B, S, kvHeads·headDim]
-//   past_length int64 [1]  P = the longest past among the rows (≥ 1; attention reads arena positions [0, P))
-//   past_mask float [B, 1, 1, P]  0 where position j < that row's past length, −inf elsewhere
-//   causal_mask float [1, 1, G·S, S]  0 where new position j ≤ the query's position s (row g·S + s), −inf elsewhere
-//   layers.N.past_key / past_value float [B, kvHeads, maxLen, headDim]   (the KV arena, read only)
+//   decode  the items with one new token: [R_d, 1] query rows
+//   chunk   the items with several (prefill chunks): [R_c, S] rows padded to the longest of them
 //
-// The KV arena is owned by JS and fed as an input (ORT wraps inputs without copying); the graph returns only the new
+// Each branch gathers its rows' q, k, v from the flat tokens (`<branch>.tokens`: the flat index of each row
+// position; padding repeats a real token) and attends over its own slice of the KV arena; `token_rows` then picks
+// each flat token's output among the branches' rows (decode rows first, then chunk rows × S), so padding is never
+// read. A branch with no items is fed a one-row dummy (token 0, one zero past position), which nothing reads.
+//
+// Inputs                                          Outputs
+//   input_ids  int32 [T]     (first)                logits     float [B, vocab]  (last: each item's last token)
+//   hidden_in  float [T, D]  (otherwise)            hidden_out float [T, D]      (otherwise; item order)
+//   position_ids int64 [T]                          layers.N.new_key / new_value float [T, kvHeads·headDim]
+//   token_rows int64 [T]
+//   last_tokens int64 [B]    (last): the flat index of each item's last token
+//   per branch b in decode, chunk:
+//     b.tokens int64 [R, S]   (S = 1 for decode)
+//     b.past_length int64 [1]  P = the longest past among the branch's rows (≥ 1; attention reads positions [0, P))
+//     b.past_mask float [R, 1, 1, P]  0 where position j < that row's past length, −inf elsewhere
+//     layers.N.b.past_key / past_value float [R, kvHeads, maxLen, headDim]   (the branch's rows of the arena)
+//   chunk.causal_mask float [1, 1, G·S, S]  0 where new position j ≤ the query's position s (row g·S + s)
+//
+// The KV arena is owned by JS and fed as inputs (ORT wraps inputs without copying); the graph returns only the new
 // positions' post-rotary K and V, which the runtime writes into the arena (DESIGN.md §3, §5).
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
@@ -71,17 +84,24 @@ export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
   };
 }
 
+/** The two attention branches: rows with one new token, and rows with several (padded to the longest). */
+export type Branch = 'decode' | 'chunk';
+export const BRANCHES: readonly Branch[] = ['decode', 'chunk'];
+
 export const io = {
   inputIds: 'input_ids',
   hiddenIn: 'hidden_in',
   positionIds: 'position_ids',
-  pastLength: 'past_length',
-  pastMask: 'past_mask',
-  causalMask: 'causal_mask',
+  tokenRows: 'token_rows',
+  lastTokens: 'last_tokens',
+  branchTokens: (b: Branch) => `${b}.tokens`,
+  pastLength: (b: Branch) => `${b}.past_length`,
+  pastMask: (b: Branch) => `${b}.past_mask`,
+  causalMask: 'chunk.causal_mask',
   hiddenOut: 'hidden_out',
   logits: 'logits',
-  pastKey: (layer: number) => `layers.${layer}.past_key`,
-  pastValue: (layer: number) => `layers.${layer}.past_value`,
+  pastKey: (layer: number, b: Branch) => `layers.${layer}.${b}.past_key`,
+  pastValue: (layer: number, b: Branch) => `layers.${layer}.${b}.past_value`,
   newKey: (layer: number) => `layers.${layer}.new_key`,
   newValue: (layer: number) => `layers.${layer}.new_value`,
 };
@@ -93,8 +113,8 @@ interface Ctx {
   ckpt: Checkpoint;
   c: Emu3Config;
   plan: LinearPlan;
-  /** Shape tensors computed once: [B, S, -1] for reshaping flat tokens back to rows. */
-  rowsShape: string;
+  /** position_ids as [1, T], the shape RotaryEmbedding takes. */
+  positions: string;
   cos: string;
   sin: string;
   /** Slice constants. */
@@ -126,25 +146,27 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
   checkStageSpec(c, spec);
   const shape = stageShape(c, spec);
   g.useOpset(MS, 1);
-  const tokens = shape.isFirst ? g.input(io.inputIds, 'int32', ['batch', 'seq']) : null;
+  const tokens = shape.isFirst ? g.input(io.inputIds, 'int32', ['tokens']) : null;
   const hiddenIn = shape.isFirst ? null : g.input(io.hiddenIn, 'float', ['tokens', c.hiddenSize]);
-  const positions = g.input(io.positionIds, 'int64', ['batch', 'seq']);
-  g.input(io.pastLength, 'int64', [1]);
-  g.input(io.pastMask, 'float', ['batch', 1, 1, 'past_len']);
-  g.input(io.causalMask, 'float', [1, 1, 'group_rows', 'seq']);
-  const rowsShape = g.op(
-    'Concat',
-    [g.op('Shape', [positions], 'rows_shape.bs'), g.constInt64('minus_one', [-1])],
-    'rows_shape',
-    { axis: 0 },
+  const positions = g.op(
+    'Unsqueeze',
+    [g.input(io.positionIds, 'int64', ['tokens']), g.constInt64('positions.axis', [0])],
+    'positions',
   );
+  g.input(io.tokenRows, 'int64', ['tokens']);
+  for (const b of BRANCHES) {
+    g.input(io.branchTokens(b), 'int64', [`${b}_rows`, b === 'decode' ? 1 : 'chunk_len']);
+    g.input(io.pastLength(b), 'int64', [1]);
+    g.input(io.pastMask(b), 'float', [`${b}_rows`, 1, 1, `${b}_past_len`]);
+  }
+  g.input(io.causalMask, 'float', [1, 1, 'chunk_group_rows', 'chunk_len']);
   const [cos, sin] = rotaryTables(g, c);
   const ctx: Ctx = {
     g,
     ckpt,
     c,
     plan: linearPlan(spec.precision),
-    rowsShape,
+    positions,
     cos,
     sin,
     zero: g.constInt64('slice.zero', [0]),
@@ -154,7 +176,7 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
   };
 
   let h = tokens ? embed(ctx, tokens) : (hiddenIn as string);
-  for (const layer of shape.layers) h = decoderLayer(ctx, layer, h, positions);
+  for (const layer of shape.layers) h = decoderLayer(ctx, layer, h);
   if (shape.isLast) {
     g.output(lmHead(ctx, h), 'float', ['batch', c.vocabSize]);
     addSamplingHead(g, io.logits, c.vocabSize); // sampling.* inputs/outputs (sampling-head.ts)
@@ -173,16 +195,15 @@ function embed(ctx: Ctx, tokens: string): string {
     [c.vocabSize, c.hiddenSize],
     ctx.ckpt.read(tensorNames.embed, [c.vocabSize, c.hiddenSize]),
   );
-  const flat = g.op('Reshape', [tokens, g.constInt64('flat_shape', [-1])], 'embed.ids');
-  return g.op('Gather', [table, flat], 'embed', { axis: 0 });
+  return g.op('Gather', [table, tokens], 'embed', { axis: 0 });
 }
 
-function decoderLayer(ctx: Ctx, layer: number, h: string, positions: string): string {
+function decoderLayer(ctx: Ctx, layer: number, h: string): string {
   const { g } = ctx;
   const names = tensorNames.layer(layer);
   const p = `layers.${layer}`;
   const a = rmsnorm(ctx, `${p}.input_norm`, names.inputNorm, h);
-  const o = attention(ctx, layer, a, positions);
+  const o = attention(ctx, layer, a);
   // h1 = h + o and m = RMSNorm_post(h1) in one fused op (output 3 is the sum).
   const weight = normWeight(ctx, names.postNorm, `${p}.post_norm.weight`);
   const [m, , , h1] = g.node(
@@ -212,8 +233,11 @@ function normWeight(ctx: Ctx, tensor: string, name: string): string {
   return ctx.g.weight(name, 'float', [ctx.c.hiddenSize], ctx.ckpt.read(tensor, [ctx.c.hiddenSize]));
 }
 
-/** q, k, v (one fused projection), rotate_half RoPE on q and k, grouped-query attention over arena + new, o_proj. */
-function attention(ctx: Ctx, layer: number, a: string, positions: string): string {
+/**
+ * q, k, v (one fused projection over all T tokens), rotate_half RoPE on q and k with per-token positions,
+ * grouped-query attention per branch over arena + new, o_proj over all T tokens.
+ */
+function attention(ctx: Ctx, layer: number, a: string): string {
   const { g, c } = ctx;
   const names = tensorNames.layer(layer);
   const p = `layers.${layer}.attn`;
@@ -225,78 +249,103 @@ function attention(ctx: Ctx, layer: number, a: string, positions: string): strin
     ctx.ckpt.readLinear(names.v, kvDim, c.hiddenSize),
   ]);
   const qkv = linear(ctx, `${p}.qkv`, qkvWeight, qDim + 2 * kvDim, c.hiddenSize, a);
-  const rows = g.op('Reshape', [qkv, ctx.rowsShape], `${p}.qkv_rows`);
+  // [T, ·] → [1, T, ·]: RotaryEmbedding takes (batch, seq, hidden) with positions (batch, seq).
+  const rows = g.op('Unsqueeze', [qkv, g.constInt64(`${p}.axis0`, [0])], `${p}.qkv_seq`);
   const [q, k, v] = g.node(
     'Split',
     [rows, g.constInt64(`${p}.split`, [qDim, kvDim, kvDim])],
     [`${p}.q`, `${p}.k`, `${p}.v`],
     { axis: 2 },
   );
-  const qRot = rotary(ctx, `${p}.q_rot`, q, positions, c.numAttentionHeads);
-  const kRot = rotary(ctx, io.newKey(layer), k, positions, c.numKeyValueHeads);
-  g.output(kRot, 'float', ['batch', 'seq', kvDim]);
-  const vNew = g.op('Identity', [v], io.newValue(layer));
-  g.output(vNew, 'float', ['batch', 'seq', kvDim]);
-  const attn = attend(ctx, layer, qRot, kRot, vNew);
+  const flat = (x: string, dim: number, name: string) =>
+    g.op('Reshape', [x, g.constInt64(`${name}.shape`, [-1, dim])], name);
+  const qRot = flat(rotary(ctx, `${p}.q_rot`, q, c.numAttentionHeads), qDim, `${p}.q_flat`);
+  const kRot = flat(rotary(ctx, `${p}.k_rot`, k, c.numKeyValueHeads), kvDim, io.newKey(layer));
+  g.output(kRot, 'float', ['tokens', kvDim]);
+  const vNew = flat(v, kvDim, io.newValue(layer));
+  g.output(vNew, 'float', ['tokens', kvDim]);
+  const branchRows = BRANCHES.map((b) => attend(ctx, layer, b, qRot, kRot, vNew));
+  const rowsOut = g.op('Concat', branchRows, `${p}.branch_rows`, { axis: 0 });
+  const attn = g.op('Gather', [rowsOut, io.tokenRows], `${p}.out`, { axis: 0 });
   return linear(ctx, `${p}.o`, ctx.ckpt.readLinear(names.o, c.hiddenSize, qDim), c.hiddenSize, qDim, attn);
 }
 
 /**
- * softmax(q·kᵀ/√d + mask)·v over the arena's first past_length positions and the new ones, kv head j serving query
- * heads jG..jG+G−1. Written out rather than GroupQueryAttention, which allocates and fills a present buffer as long
- * as the arena's slots (max_len) on every run: here a step costs the used context (one slice of it), not the
- * capacity. Query rows are laid out g-major, [B, kvHeads, G·S, d], so each kv head is one batched matmul.
+ * One branch's rows: softmax(q·kᵀ/√d + mask)·v over the arena's first past_length positions and the row's new ones,
+ * kv head j serving query heads jG..jG+G−1. Written out rather than GroupQueryAttention, which allocates and fills
+ * a present buffer as long as the arena's slots (max_len) on every run: here a step costs the used context (one
+ * slice of it), not the capacity. Query rows are laid out g-major, [R, kvHeads, G·S, d], so each kv head is one
+ * batched matmul. Returns [R·S, H·d].
  */
-function attend(ctx: Ctx, layer: number, q: string, k: string, v: string): string {
+function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: string, vFlat: string): string {
   const { g, c } = ctx;
-  const p = `layers.${layer}.attn`;
+  const p = `layers.${layer}.attn.${branch}`;
   const KV = c.numKeyValueHeads;
   const G = c.numAttentionHeads / KV;
   const d = c.headDim;
   const shape = (name: string, dims: number[]) => g.constInt64(`${p}.${name}`, dims);
-  // [B, S, H·d] → [B, KV, G·S, d]
-  const q5 = g.op('Reshape', [q, shape('q5_shape', [0, 0, KV, G, d])], `${p}.q5`);
+  const pick = (x: string, name: string) => g.op('Gather', [x, io.branchTokens(branch)], `${p}.${name}`, { axis: 0 });
+  // [R, S, H·d] → [R, KV, G·S, d]
+  const q5 = g.op('Reshape', [pick(qFlat, 'q'), shape('q5_shape', [0, 0, KV, G, d])], `${p}.q5`);
   const qT = g.op('Transpose', [q5], `${p}.q5t`, { perm: [0, 2, 3, 1, 4] });
   const q4 = g.op('Reshape', [qT, shape('q4_shape', [0, 0, -1, d])], `${p}.q4`);
-  // new k, v: [B, S, KV·d] → [B, KV, S, d]
+  // new k, v: [R, S, KV·d] → [R, KV, S, d]
   const heads = (x: string, name: string) =>
-    g.op('Transpose', [g.op('Reshape', [x, shape(`${name}_shape`, [0, 0, KV, d])], `${p}.${name}4`)], `${p}.${name}t`, {
-      perm: [0, 2, 1, 3],
-    });
-  const kNew = heads(k, 'k');
-  const vNew = heads(v, 'v');
+    g.op(
+      'Transpose',
+      [g.op('Reshape', [pick(x, name), shape(`${name}_shape`, [0, 0, KV, d])], `${p}.${name}4`)],
+      `${p}.${name}t`,
+      { perm: [0, 2, 1, 3] },
+    );
+  const kNew = heads(kFlat, 'k');
+  const vNew = heads(vFlat, 'v');
+  const pastLength = io.pastLength(branch);
   const arena = (name: string) =>
     g.op(
       'Slice',
-      [g.input(name, 'float', ['batch', KV, 'max_len', d]), ctx.zero, io.pastLength, ctx.axis2],
+      [g.input(name, 'float', [`${branch}_rows`, KV, `${branch}_max_len`, d]), ctx.zero, pastLength, ctx.axis2],
       `${name}.used`,
     );
-  const kPast = arena(io.pastKey(layer));
-  const vPast = arena(io.pastValue(layer));
+  const kPast = arena(io.pastKey(layer, branch));
+  const vPast = arena(io.pastValue(layer, branch));
   const scale = { float: 1 / Math.sqrt(d) };
   const scores = (x: string, name: string) =>
     g.op('FusedMatMul', [q4, x], `${p}.${name}`, { alpha: scale, transA: 0, transB: 1 }, MS);
-  const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask], `${p}.scores_past_masked`);
-  const sNew = g.op('Add', [scores(kNew, 'scores_new'), io.causalMask], `${p}.scores_new_masked`);
-  const probs = g.op('Softmax', [g.op('Concat', [sPast, sNew], `${p}.scores`, { axis: 3 })], `${p}.probs`, {
+  const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask(branch)], `${p}.scores_past_masked`);
+  // A decode row's one new key is its own position: always visible, no mask.
+  const sNew =
+    branch === 'decode'
+      ? scores(kNew, 'scores_new')
+      : g.op('Add', [scores(kNew, 'scores_new'), io.causalMask], `${p}.scores_new_masked`);
+  // New positions first, then the past: a row's real scores then sit at the same places whatever the branch's
+  // longest past, and the −inf past padding of shorter rows is a tail of exact zeros after the softmax, so a row's
+  // result does not depend on its batch (measured: past-first moved logits by ~1e-5 on emu3-tiny).
+  const probs = g.op('Softmax', [g.op('Concat', [sNew, sPast], `${p}.scores`, { axis: 3 })], `${p}.probs`, {
     axis: -1,
   });
-  const pPast = g.op('Slice', [probs, ctx.zero, io.pastLength, ctx.axis3], `${p}.probs_past`);
-  const pNew = g.op('Slice', [probs, io.pastLength, ctx.big, ctx.axis3], `${p}.probs_new`);
+  const newLength = g.op('Shape', [sNew], `${p}.new_length`, { start: 3, end: 4 });
+  const pNew = g.op('Slice', [probs, ctx.zero, newLength, ctx.axis3], `${p}.probs_new`);
+  const pPast = g.op('Slice', [probs, newLength, ctx.big, ctx.axis3], `${p}.probs_past`);
   const out = g.op(
     'Add',
     [g.op('MatMul', [pPast, vPast], `${p}.out_past`), g.op('MatMul', [pNew, vNew], `${p}.out_new`)],
     `${p}.out4`,
   );
-  // [B, KV, G·S, d] → [B, KV, G, S, d] → [B, S, KV, G, d] → [B·S, H·d]
+  // [R, KV, G·S, d] → [R, KV, G, S, d] → [R, S, KV, G, d] → [R·S, H·d]
   const o5 = g.op('Reshape', [out, shape('o5_shape', [0, 0, G, -1, d])], `${p}.o5`);
   const oT = g.op('Transpose', [o5], `${p}.o5t`, { perm: [0, 3, 1, 2, 4] });
   return g.op('Reshape', [oT, shape('out_shape', [-1, c.numAttentionHeads * d])], `${p}.out`);
 }
 
 /** x·cos + rotate_half(x)·sin with positions per token (NOT interleaved). */
-function rotary(ctx: Ctx, name: string, x: string, positions: string, heads: number): string {
-  return ctx.g.op('RotaryEmbedding', [x, positions, ctx.cos, ctx.sin], name, { interleaved: 0, num_heads: heads }, MS);
+function rotary(ctx: Ctx, name: string, x: string, heads: number): string {
+  return ctx.g.op(
+    'RotaryEmbedding',
+    [x, ctx.positions, ctx.cos, ctx.sin],
+    name,
+    { interleaved: 0, num_heads: heads },
+    MS,
+  );
 }
 
 /** down(silu(gate(m)) · up(m)). */
@@ -313,17 +362,11 @@ function mlp(ctx: Ctx, layer: number, m: string): string {
   return linear(ctx, `${p}.down`, ctx.ckpt.readLinear(names.down, D, I), D, I, hidden);
 }
 
-/** Final norm and lm_head on the last position of each row only. */
+/** Final norm and lm_head on the last token of each item only. */
 function lmHead(ctx: Ctx, h: string): string {
   const { g, c } = ctx;
-  const rows = g.op('Reshape', [h, ctx.rowsShape], 'head.rows');
-  const last = g.op(
-    'Slice',
-    [rows, g.constInt64('head.start', [-1]), g.constInt64('head.end', [2 ** 31 - 1]), g.constInt64('head.axis', [1])],
-    'head.last',
-  );
-  const flat = g.op('Reshape', [last, g.constInt64('head.flat', [-1, c.hiddenSize])], 'head.last_flat');
-  const normed = rmsnorm(ctx, 'norm', tensorNames.norm, flat);
+  const last = g.op('Gather', [h, g.input(io.lastTokens, 'int64', ['batch'])], 'head.last', { axis: 0 });
+  const normed = rmsnorm(ctx, 'norm', tensorNames.norm, last);
   const weight = ctx.ckpt.readLinear(tensorNames.lmHead, c.vocabSize, c.hiddenSize);
   const logits = linear(ctx, 'lm_head', weight, c.vocabSize, c.hiddenSize, normed);
   return g.op('Identity', [logits], io.logits);

@@ -1,7 +1,8 @@
 // The KV cache of one stage: for each layer a K and a V buffer [rows, kvHeads, maxLen, headDim] in JS-owned memory.
-// A run feeds the rows of its micro-batch to the graph's attention as a zero-copy view, which needs those rows to be
-// contiguous: sequences live in logical slots, and the arena maps each slot to a physical row, moving a sequence
-// (only its filled prefix) when a micro-batch needs its rows side by side. Steady decode of a fixed batch never moves.
+// A run feeds the rows of each attention branch of its micro-batch (decode rows, prefill chunks: stage-graph.ts) to the
+// graph as a zero-copy view, which needs each branch's rows to be contiguous: sequences live in logical slots, and
+// the arena maps each slot to a physical row, moving a sequence (only its filled prefix) when a micro-batch needs its
+// rows side by side. Steady decode of a fixed batch never moves.
 
 export interface ArenaShape {
   layers: number;
@@ -67,6 +68,42 @@ export class KvArena {
       if (!want.has(this.slotAt[r])) this.swapRows(r, this.rowOf[outside.pop() as number]);
     }
     return bestStart;
+  }
+
+  /**
+   * Like gather, for several groups of slots: each group occupies a contiguous range of rows and the groups lie side
+   * by side in one window; returns each group's first row. Two groups may be placed in either order, whichever
+   * moves fewer cached tokens, so a layout that already fits never moves.
+   */
+  arrange(groups: number[][]): number[] {
+    const first = this.gather(groups.flat());
+    const orders = groups.length === 2 ? [groups, [groups[1], groups[0]]] : [groups];
+    const cost = (order: number[][]) => {
+      let tokens = 0;
+      let begin = first;
+      for (const group of order) {
+        for (const slot of group) {
+          const r = this.rowOf[slot];
+          if (r < begin || r >= begin + group.length) tokens += this.filled[slot];
+        }
+        begin += group.length;
+      }
+      return tokens;
+    };
+    const order = orders.reduce((best, o) => (cost(o) < cost(best) ? o : best));
+    const starts = new Map<number[], number>();
+    let begin = first;
+    for (const group of order) {
+      starts.set(group, begin);
+      const members = new Set(group);
+      // Earlier groups are already in place, so a member outside this range sits in a later group's range.
+      const outside = group.filter((s) => this.rowOf[s] < begin || this.rowOf[s] >= begin + group.length);
+      for (let r = begin; r < begin + group.length; r++) {
+        if (!members.has(this.slotAt[r])) this.swapRows(r, this.rowOf[outside.pop() as number]);
+      }
+      begin += group.length;
+    }
+    return groups.map((g) => starts.get(g) as number);
   }
 
   /** Views of layer `layer`'s K and V for rows [firstRow, firstRow + count). */

@@ -50,3 +50,20 @@ export type Reply =
   | { type: 'failed'; error: string }
   | { type: 'result'; id: number; output?: ForwardOutput }
   | { type: 'error'; id: number; error: string };
+
+/**
+ * Posts `message`, moving the `transfer` buffers. A buffer that cannot move (Node marks its pooled Buffer memory so)
+ * is copied instead: Node 20 does that by itself, later versions throw DataCloneError, and then this posts a copy.
+ */
+export function postTransferring(
+  port: { postMessage(value: unknown, transfer?: readonly ArrayBuffer[]): void },
+  message: unknown,
+  transfer: ArrayBuffer[],
+): void {
+  try {
+    port.postMessage(message, transfer);
+  } catch (e) {
+    if (transfer.length === 0 || (e as Error).name !== 'DataCloneError') throw e;
+    port.postMessage(message);
+  }
+}

@@ -1,24 +1,34 @@
-// Runs one stage's ORT session over a KV arena (inside the worker thread). A call may mix sequences of different
-// lengths (prefill chunks and decodes): items are grouped by new-token count, each group is one session run over
-// contiguous arena rows (one query length per run keeps the attention's masks and reshapes simple), and results are put back in the
-// caller's order.
+// Runs one stage's ORT session over a KV arena (inside the worker thread). One call is ONE session run, whatever its
+// mix of decode rows and prefill chunks: the graph takes the call's tokens flat in item order (stage-graph.ts) and
+// this file only lays out the index, position and mask inputs of its two attention branches (decode rows, and
+// chunks padded to the longest), places each branch's sequences on contiguous arena rows, and writes the new K/V
+// of each item back into the arena.
 import ort from 'onnxruntime-node';
 import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
-import { io, type StageShape } from '../onnx/stage-graph.js';
-import { concatFloat32 } from '../util/float32.js';
+import { type Branch, io, type StageShape } from '../onnx/stage-graph.js';
 import { KvArena } from './kv-arena.js';
 import type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
 
-type GroupResult =
-  | { logits: Float32Array }
-  | { hidden: Float32Array }
-  | { topIds: BigInt64Array; topLogprobs: Float32Array; full?: Float32Array };
+/** What the executor needs of an ORT session (a seam: tests wrap a real session to count its runs). */
+export interface StageSession {
+  run(feeds: Record<string, ort.Tensor>, fetches: string[]): Promise<Record<string, ort.OnnxValue>>;
+}
+
+/** One attention branch of a call: its items (indices into the call's items, in arena row order) and row length. */
+interface BranchPlan {
+  branch: Branch;
+  members: number[];
+  /** Query positions per row: 1 for decode, the longest chunk for chunk. */
+  length: number;
+  firstRow: number;
+}
 
 export class StageExecutor {
   readonly arena: KvArena;
+  private readonly dummyPast: Float32Array;
 
   constructor(
-    private readonly session: ort.InferenceSession,
+    private readonly session: StageSession,
     readonly shape: StageShape,
     readonly maxSequences: number,
     readonly maxSequenceLength: number,
@@ -30,57 +40,54 @@ export class StageExecutor {
       maxLen: maxSequenceLength,
       headDim: shape.headDim,
     });
+    this.dummyPast = new Float32Array(shape.kvHeads * shape.headDim);
   }
 
   /** With `sampling` (last stage, one row per item) the in-graph head answers instead of the logits. */
   async forward(items: ForwardItem[], input: ForwardInput, sampling?: SamplingRow[]): Promise<ForwardOutput> {
     const offsets = this.validate(items, input);
-    const D = this.shape.hiddenSize;
     const V = this.shape.vocabSize;
-    const total = offsets[items.length];
-    let sampled: SampledOutput | undefined;
+    let k = 0;
     if (sampling) {
       if (!this.shape.isLast) throw new Error('forward: sampling rows are for the last stage only');
       if (sampling.length !== items.length)
         throw new Error(`forward: ${sampling.length} sampling rows for ${items.length} items (one per item)`);
-      const k = runTopK(sampling, V);
-      sampled = {
-        k,
-        topIds: new Int32Array(items.length * k),
-        topLogprobs: new Float32Array(items.length * k),
-        fullRows: items.map(() => null),
-      };
+      k = runTopK(sampling, V);
     }
-    const out = sampled
-      ? new Float32Array(0)
-      : this.shape.isLast
-        ? new Float32Array(items.length * V)
-        : new Float32Array(total * D);
-    const groups = new Map<number, number[]>();
-    items.forEach((item, i) => {
-      const group = groups.get(item.length) ?? [];
-      group.push(i);
-      groups.set(item.length, group);
-    });
-    for (const [length, members] of groups) {
-      const firstRow = this.arena.gather(members.map((i) => items[i].slot));
-      members.sort((a, b) => this.arena.row(items[a].slot) - this.arena.row(items[b].slot));
-      const rows = sampled && sampling ? { rows: members.map((i) => sampling[i]), k: sampled.k } : undefined;
-      const result = await this.runGroup(items, members, length, firstRow, input, offsets, rows);
-      members.forEach((itemIndex, b) => {
-        if ('topIds' in result && sampled) {
-          const k = sampled.k;
-          for (let j = 0; j < k; j++) sampled.topIds[itemIndex * k + j] = Number(result.topIds[b * k + j]);
-          sampled.topLogprobs.set(result.topLogprobs.subarray(b * k, (b + 1) * k), itemIndex * k);
-          if (result.full && sampling?.[itemIndex].fullRow)
-            sampled.fullRows[itemIndex] = result.full.slice(b * V, (b + 1) * V);
-        } else if ('logits' in result) out.set(result.logits.subarray(b * V, (b + 1) * V), itemIndex * V);
-        else if ('hidden' in result)
-          out.set(result.hidden.subarray(b * length * D, (b + 1) * length * D), offsets[itemIndex] * D);
+    // The head's inputs are always fed (checked before anything moves); only the fetched outputs are computed.
+    const rows = sampling ?? items.map(() => NEUTRAL_ROW);
+    const head = this.shape.isLast ? samplingFeeds(rows, V, sampling ? k : undefined) : {};
+    const feeds = this.layout(items, input, offsets);
+    for (const [name, t] of Object.entries(head)) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
+    const fetches = this.shape.layers.flatMap((layer) => [io.newKey(layer), io.newValue(layer)]);
+    if (this.shape.isLast) {
+      if (!sampling) fetches.push(io.logits);
+      else {
+        fetches.push(samplingIo.topIds, samplingIo.topLogprobs);
+        if (rows.some((r) => r.fullRow)) fetches.push(samplingIo.logprobs);
+      }
+    } else fetches.push(io.hiddenOut);
+    const result = await this.session.run(feeds, fetches);
+    const data = (name: string) => (result[name] as ort.Tensor).data;
+    const { kvHeads, headDim } = this.shape;
+    this.shape.layers.forEach((layer, l) => {
+      const newKey = data(io.newKey(layer)) as Float32Array;
+      const newValue = data(io.newValue(layer)) as Float32Array;
+      items.forEach((item, i) => {
+        this.arena.write(l, item.slot, item.start, item.length, newKey, newValue, offsets[i] * kvHeads * headDim);
       });
-    }
-    if (sampled) return sampled;
-    return this.shape.isLast ? { logits: out } : { hidden: out };
+    });
+    for (const item of items) this.arena.filled[item.slot] = item.start + item.length;
+    if (!this.shape.isLast) return { hidden: data(io.hiddenOut) as Float32Array };
+    if (!sampling) return { logits: data(io.logits) as Float32Array };
+    const full = sampling.some((r) => r.fullRow) ? (data(samplingIo.logprobs) as Float32Array) : null;
+    const sampled: SampledOutput = {
+      k,
+      topIds: Int32Array.from(data(samplingIo.topIds) as BigInt64Array, Number),
+      topLogprobs: data(samplingIo.topLogprobs) as Float32Array,
+      fullRows: sampling.map((r, i) => (full && r.fullRow ? full.slice(i * V, (i + 1) * V) : null)),
+    };
+    return sampled;
   }
 
   copyKv(from: number, to: number, length: number): void {
@@ -99,79 +106,80 @@ export class StageExecutor {
     this.arena.filled[slot] = 0;
   }
 
-  private async runGroup(
-    items: ForwardItem[],
-    members: number[],
-    length: number,
-    firstRow: number,
-    input: ForwardInput,
-    offsets: number[],
-    sampling?: { rows: SamplingRow[]; k: number },
-  ): Promise<GroupResult> {
-    const B = members.length;
+  /**
+   * The feeds of one run except the sampling head's: flat tokens, positions, each branch's token index, masks and
+   * arena rows (moving sequences so that each branch's rows are contiguous), and the map back to flat tokens.
+   */
+  private layout(items: ForwardItem[], input: ForwardInput, offsets: number[]): Record<string, ort.Tensor> {
+    const T = offsets[items.length];
     const { hiddenSize: D, kvHeads, headDim } = this.shape;
-    const L = this.maxSequenceLength;
     const feeds: Record<string, ort.Tensor> = {};
-    if ('tokens' in input) {
-      const ids = new Int32Array(B * length);
-      members.forEach((i, b) => ids.set(input.tokens.subarray(offsets[i], offsets[i] + length), b * length));
-      feeds[io.inputIds] = new ort.Tensor('int32', ids, [B, length]);
-    } else {
-      const hidden =
-        members.every((m, b) => m === b) && B === items.length
-          ? input.hidden
-          : concatFloat32(members.map((i) => input.hidden.subarray(offsets[i] * D, (offsets[i] + length) * D)));
-      feeds[io.hiddenIn] = new ort.Tensor('float32', hidden, [B * length, D]);
-    }
-    const positions = new BigInt64Array(B * length);
-    members.forEach((i, b) => {
-      const { start } = items[i];
-      for (let t = 0; t < length; t++) positions[b * length + t] = BigInt(start + t);
+    if ('tokens' in input) feeds[io.inputIds] = new ort.Tensor('int32', input.tokens, [T]);
+    else feeds[io.hiddenIn] = new ort.Tensor('float32', input.hidden, [T, D]);
+    const positions = new BigInt64Array(T);
+    items.forEach((item, i) => {
+      for (let t = 0; t < item.length; t++) positions[offsets[i] + t] = BigInt(item.start + t);
     });
-    feeds[io.positionIds] = new ort.Tensor('int64', positions, [B, length]);
-    for (const [name, t] of Object.entries(
-      attentionFeeds(
-        members.map((i) => items[i].start),
-        length,
-        this.shape.heads / kvHeads,
-      ),
-    ))
-      feeds[name] = t;
-    this.shape.layers.forEach((layer, l) => {
-      const view = this.arena.view(l, firstRow, B);
-      feeds[io.pastKey(layer)] = new ort.Tensor('float32', view.key, [B, kvHeads, L, headDim]);
-      feeds[io.pastValue(layer)] = new ort.Tensor('float32', view.value, [B, kvHeads, L, headDim]);
-    });
-    const fetches = this.shape.layers.flatMap((layer) => [io.newKey(layer), io.newValue(layer)]);
-    if (this.shape.isLast) {
-      // The head's inputs are always fed; only the fetched outputs are computed (no full row unless asked).
-      const rows = sampling?.rows ?? members.map(() => NEUTRAL_ROW);
-      for (const [name, t] of Object.entries(samplingFeeds(rows, this.shape.vocabSize, sampling?.k)))
-        feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
-      if (!sampling) fetches.push(io.logits);
-      else {
-        fetches.push(samplingIo.topIds, samplingIo.topLogprobs);
-        if (rows.some((r) => r.fullRow)) fetches.push(samplingIo.logprobs);
-      }
-    } else fetches.push(io.hiddenOut);
-    const result = await this.session.run(feeds, fetches);
-    this.shape.layers.forEach((layer, l) => {
-      const newKey = result[io.newKey(layer)].data as Float32Array;
-      const newValue = result[io.newValue(layer)].data as Float32Array;
-      members.forEach((i, b) => {
-        this.arena.write(l, items[i].slot, items[i].start, length, newKey, newValue, b * length * kvHeads * headDim);
+    feeds[io.positionIds] = new ort.Tensor('int64', positions, [T]);
+    if (this.shape.isLast)
+      feeds[io.lastTokens] = new ort.Tensor(
+        'int64',
+        BigInt64Array.from(items, (_, i) => BigInt(offsets[i + 1] - 1)),
+        [items.length],
+      );
+    const plans = this.plan(items);
+    const tokenRows = new BigInt64Array(T);
+    let rowBase = 0;
+    for (const plan of plans) {
+      const { branch, members, length } = plan;
+      const R = Math.max(1, members.length);
+      const index = new BigInt64Array(R * length);
+      members.forEach((i, r) => {
+        for (let s = 0; s < length; s++) {
+          // Padding repeats the item's last token; its outputs are never picked by token_rows.
+          const t = offsets[i] + Math.min(s, items[i].length - 1);
+          index[r * length + s] = BigInt(t);
+          if (s < items[i].length) tokenRows[t] = BigInt(rowBase + r * length + s);
+        }
       });
-    });
-    for (const i of members) this.arena.filled[items[i].slot] = items[i].start + length;
-    if (this.shape.isLast && sampling) {
-      return {
-        topIds: result[samplingIo.topIds].data as BigInt64Array,
-        topLogprobs: result[samplingIo.topLogprobs].data as Float32Array,
-        full: result[samplingIo.logprobs]?.data as Float32Array | undefined,
-      };
+      rowBase += R * length;
+      feeds[io.branchTokens(branch)] = new ort.Tensor('int64', index, [R, length]);
+      const starts = members.length > 0 ? members.map((i) => items[i].start) : [1];
+      for (const [name, t] of Object.entries(branchMasks(branch, starts))) feeds[name] = t;
+      if (branch === 'chunk') feeds[io.causalMask] = causalMask(length, this.shape.heads / kvHeads);
+      this.shape.layers.forEach((layer, l) => {
+        // An empty branch runs on one zero past position (the dummy row): cheap, and nothing reads its output.
+        const view =
+          members.length > 0 ? this.arena.view(l, plan.firstRow, R) : { key: this.dummyPast, value: this.dummyPast };
+        const dims = [R, kvHeads, members.length > 0 ? this.maxSequenceLength : 1, headDim];
+        feeds[io.pastKey(layer, branch)] = new ort.Tensor('float32', view.key, dims);
+        feeds[io.pastValue(layer, branch)] = new ort.Tensor('float32', view.value, dims);
+      });
     }
-    if (this.shape.isLast) return { logits: result[io.logits].data as Float32Array };
-    return { hidden: result[io.hiddenOut].data as Float32Array };
+    feeds[io.tokenRows] = new ort.Tensor('int64', tokenRows, [T]);
+    return feeds;
+  }
+
+  /** Splits the items into the decode and chunk branches and places each branch on contiguous arena rows. */
+  private plan(items: ForwardItem[]): BranchPlan[] {
+    const decode: number[] = [];
+    const chunk: number[] = [];
+    items.forEach((item, i) => {
+      (item.length === 1 ? decode : chunk).push(i);
+    });
+    const slots = (members: number[]) => members.map((i) => items[i].slot);
+    const [decodeRow, chunkRow] = this.arena.arrange([slots(decode), slots(chunk)]);
+    const byRow = (members: number[]) =>
+      members.sort((a, b) => this.arena.row(items[a].slot) - this.arena.row(items[b].slot));
+    return [
+      { branch: 'decode', members: byRow(decode), length: 1, firstRow: decodeRow },
+      {
+        branch: 'chunk',
+        members: byRow(chunk),
+        length: Math.max(1, ...chunk.map((i) => items[i].length)),
+        firstRow: chunkRow,
+      },
+    ];
   }
 
   /** Checks items and input; returns each item's first token index in the flat input (and the total at the end). */
@@ -226,20 +234,24 @@ export class StageExecutor {
   }
 }
 
-/** The attention's masks and past length for rows with these past lengths and `length` new tokens each. */
-export function attentionFeeds(starts: number[], length: number, group: number): Record<string, ort.Tensor> {
-  const B = starts.length;
+/** A branch's past length and past mask for rows with these past lengths (P = the longest, at least 1). */
+export function branchMasks(branch: Branch, starts: number[]): Record<string, ort.Tensor> {
+  const R = starts.length;
   const P = Math.max(1, ...starts);
-  const pastMask = new Float32Array(B * P);
-  starts.forEach((start, b) => pastMask.fill(Number.NEGATIVE_INFINITY, b * P + start, (b + 1) * P));
+  const pastMask = new Float32Array(R * P);
+  starts.forEach((start, r) => pastMask.fill(Number.NEGATIVE_INFINITY, r * P + start, (r + 1) * P));
+  return {
+    [io.pastLength(branch)]: new ort.Tensor('int64', BigInt64Array.of(BigInt(P)), [1]),
+    [io.pastMask(branch)]: new ort.Tensor('float32', pastMask, [R, 1, 1, P]),
+  };
+}
+
+/** The chunk branch's causal mask over `length` new positions, for `group` query heads per kv head. */
+export function causalMask(length: number, group: number): ort.Tensor {
   const causal = new Float32Array(group * length * length);
   for (let r = 0; r < group * length; r++) {
     const s = r % length;
     causal.fill(Number.NEGATIVE_INFINITY, r * length + s + 1, (r + 1) * length);
   }
-  return {
-    [io.pastLength]: new ort.Tensor('int64', BigInt64Array.of(BigInt(P)), [1]),
-    [io.pastMask]: new ort.Tensor('float32', pastMask, [B, 1, 1, P]),
-    [io.causalMask]: new ort.Tensor('float32', causal, [1, 1, group * length, length]),
-  };
+  return new ort.Tensor('float32', causal, [1, 1, group * length, length]);
 }

@@ -6,11 +6,22 @@
 //   await rt.forward([{ slot: 0, start: 12, length: 1 }, { slot: 3, start: 40, length: 1 }], { tokens })  // decode
 //
 // The last stage returns the logits of the last new position of each item ([items, vocab]); other stages return
-// the hidden states of all new positions ([tokens, hidden]) in item order, ready for the next stage.
+// the hidden states of all new positions ([tokens, hidden]) in item order, ready for the next stage. Each call is one
+// ORT run, whatever its mix of decodes and prefill chunks. Hidden states move to the worker without a copy: the
+// caller's Float32Array is detached by the call (see forward).
 import { Worker } from 'node:worker_threads';
 import type { SamplingRow } from '../onnx/sampling-head.js';
 import type { Precision, StageShape } from '../onnx/stage-graph.js';
-import type { ForwardInput, ForwardItem, ForwardOutput, ReadyInfo, Reply, Request, WorkerInit } from './protocol.js';
+import {
+  type ForwardInput,
+  type ForwardItem,
+  type ForwardOutput,
+  postTransferring,
+  type ReadyInfo,
+  type Reply,
+  type Request,
+  type WorkerInit,
+} from './protocol.js';
 
 export type { SamplingRow } from '../onnx/sampling-head.js';
 export type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
@@ -31,6 +42,15 @@ export interface StageRuntimeOptions {
    */
   spin?: boolean;
   log?: (msg: string) => void;
+}
+
+/** The forward input as it goes to the worker, and the buffers that move with it (see StageRuntime.forward). */
+function movable(input: ForwardInput): { input: ForwardInput; transfer: ArrayBuffer[] } {
+  if (!('hidden' in input)) return { input, transfer: [] };
+  const h = input.hidden;
+  const whole = h.buffer instanceof ArrayBuffer && h.byteOffset === 0 && h.byteLength === h.buffer.byteLength;
+  const own = whole ? h : h.slice();
+  return { input: { hidden: own }, transfer: [own.buffer as ArrayBuffer] };
 }
 
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
@@ -123,11 +143,20 @@ export class StageRuntime {
   }
 
   /**
-   * Runs new tokens of `items`. On the last stage, `opts.sampling` (one row per item) returns the in-graph head's
-   * top-K candidates (and full rows where asked) instead of the logits.
+   * Runs new tokens of `items` (one session run for the whole call). On the last stage, `opts.sampling` (one row per
+   * item) returns the in-graph head's top-K candidates (and full rows where asked) instead of the logits.
+   *
+   * `input.hidden` is transferred to the worker, not copied: when the array spans its whole ArrayBuffer (as a
+   * `new Float32Array(n)` or a previous stage's output does), that buffer is DETACHED by this call and the caller's
+   * array reads as empty afterwards; a view into a larger buffer is copied once (its own bytes only) and left as
+   * it was. `input.tokens` is copied (it is small) and stays usable.
    */
   forward(items: ForwardItem[], input: ForwardInput, opts: { sampling?: SamplingRow[] } = {}): Promise<ForwardOutput> {
-    return this.request({ type: 'forward', items, input, sampling: opts.sampling }) as Promise<ForwardOutput>;
+    const moved = movable(input);
+    return this.request(
+      { type: 'forward', items, input: moved.input, sampling: opts.sampling },
+      moved.transfer,
+    ) as Promise<ForwardOutput>;
   }
 
   /** Copies the first `length` cached positions of `fromSlot` into `toSlot` (prefix reuse). */
@@ -147,12 +176,12 @@ export class StageRuntime {
     await this.worker.terminate();
   }
 
-  private request(req: WithoutId<Request>): Promise<ForwardOutput | undefined> {
+  private request(req: WithoutId<Request>, transfer: ArrayBuffer[] = []): Promise<ForwardOutput | undefined> {
     if (this.closed) return Promise.reject(new Error('StageRuntime is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ ...req, id } as Request);
+      postTransferring(this.worker, { ...req, id } as Request, transfer);
     });
   }
 

@@ -5,12 +5,12 @@ import { parentPort, workerData } from 'node:worker_threads';
 import ort from 'onnxruntime-node';
 import { Checkpoint } from '../model/checkpoint.js';
 import { ensureStageGraph } from '../onnx/graph-cache.js';
-import type { Reply, Request, WorkerInit } from './protocol.js';
+import { type ForwardOutput, postTransferring, type Reply, type Request, type WorkerInit } from './protocol.js';
 import { StageExecutor } from './stage-executor.js';
 
 const port = parentPort;
 if (!port) throw new Error('stage-worker.js must run in a worker thread');
-const post = (reply: Reply, transfer: ArrayBuffer[] = []) => port.postMessage(reply, transfer);
+const post = (reply: Reply, transfer: ArrayBuffer[] = []) => postTransferring(port, reply, transfer);
 const log = (message: string) => post({ type: 'log', message });
 
 async function open(init: WorkerInit): Promise<StageExecutor> {
@@ -45,13 +45,25 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
   return executor;
 }
 
+/** The output's buffers, each once (ORT's outputs own theirs), so the reply moves them instead of copying. */
+function outputBuffers(output: ForwardOutput): ArrayBuffer[] {
+  const arrays =
+    'logits' in output
+      ? [output.logits]
+      : 'hidden' in output
+        ? [output.hidden]
+        : [output.topIds, output.topLogprobs, ...output.fullRows];
+  const buffers = new Set<ArrayBuffer>();
+  for (const a of arrays) if (a && a.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
+  return [...buffers];
+}
+
 async function handle(executor: StageExecutor, req: Request): Promise<void> {
   try {
     switch (req.type) {
       case 'forward': {
         const output = await executor.forward(req.items, req.input, req.sampling);
-        const buffer = 'logits' in output ? output.logits.buffer : 'hidden' in output ? output.hidden.buffer : null;
-        post({ type: 'result', id: req.id, output }, buffer ? [buffer as ArrayBuffer] : []);
+        post({ type: 'result', id: req.id, output }, outputBuffers(output));
         return;
       }
       case 'copyKv':

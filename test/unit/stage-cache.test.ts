@@ -93,3 +93,49 @@ test('the KV arena makes a batch of slots contiguous, moving only filled prefixe
   arena.gather([0, 2, 5]);
   assert.equal(arena.movedTokens, moved);
 });
+
+test('the KV arena arranges groups of slots side by side, each contiguous, choosing the order that moves less', () => {
+  const shape = { layers: 1, rows: 8, kvHeads: 2, maxLen: 8, headDim: 2 };
+  const arena = new KvArena(shape);
+  // Slot s holds s + 1 tokens whose K values are 100·s + position.
+  for (let s = 0; s < 8; s++) {
+    const n = s + 1;
+    const kv = new Float32Array(n * shape.kvHeads * shape.headDim);
+    for (let t = 0; t < n; t++) kv.fill(100 * s + t, t * shape.kvHeads * shape.headDim, (t + 1) * 4);
+    arena.write(0, s, 0, n, kv, kv, 0);
+    arena.filled[s] = n;
+  }
+  const intact = () => {
+    for (let s = 0; s < 8; s++) {
+      const v = arena.view(0, arena.row(s), 1).key;
+      for (let h = 0; h < shape.kvHeads; h++)
+        for (let t = 0; t <= s; t++)
+          assert.equal(v[h * shape.maxLen * shape.headDim + t * shape.headDim], 100 * s + t, `slot ${s} t ${t}`);
+    }
+  };
+  const groups = [
+    [6, 1, 3],
+    [2, 7],
+  ];
+  const [a, b] = arena.arrange(groups);
+  const rows = (g: number[]) => g.map((s) => arena.row(s)).sort((x, y) => x - y);
+  assert.deepEqual(rows(groups[0]), [a, a + 1, a + 2]);
+  assert.deepEqual(rows(groups[1]), [b, b + 1]);
+  assert.ok(b === a + 3 || a === b + 2, `groups side by side: ${a}, ${b}`);
+  intact();
+  // A layout that fits in the other order moves nothing; nor does a group that is empty.
+  const moved = arena.movedTokens;
+  assert.deepEqual(arena.arrange([groups[1], groups[0]]), [b, a]);
+  const [c, d] = arena.arrange([[], groups[0]]);
+  assert.equal(d, a);
+  assert.ok(c === a || c === a + 3);
+  assert.equal(arena.movedTokens, moved);
+  // Slots in the window interleaved between groups: each group still ends up contiguous, data intact.
+  const [e, f] = arena.arrange([
+    [0, 2, 4],
+    [1, 3, 5],
+  ]);
+  assert.deepEqual(rows([0, 2, 4]), [e, e + 1, e + 2]);
+  assert.deepEqual(rows([1, 3, 5]), [f, f + 1, f + 2]);
+  intact();
+});

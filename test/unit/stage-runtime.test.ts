@@ -5,8 +5,13 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import ort from 'onnxruntime-node';
+import { Checkpoint } from '../../lib/model/checkpoint.js';
 import { writeTinyEmu3 } from '../../lib/model/tiny.js';
-import { type ForwardItem, StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { ensureStageGraph } from '../../lib/onnx/graph-cache.js';
+import type { SamplingRow } from '../../lib/onnx/sampling-head.js';
+import { StageExecutor, type StageSession } from '../../lib/runtime/stage-executor.js';
+import { type ForwardItem, type ForwardOutput, StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import { Rng } from '../../lib/util/rng.js';
 import { argmax, Emu3Reference } from '../reference/emu3-f64.js';
 
@@ -230,6 +235,159 @@ describe('stages and batches on emu3-tiny f32', () => {
       rt.forward([{ slot: 0, start: 0, length: 1 }], { hidden: new Float32Array(64) }),
       /first stage takes \{ tokens \}/,
     );
+  });
+});
+
+/** A stage's executor on this thread over a real ORT session, counting the session's runs (the executor's seam). */
+async function countingExecutor(dir: string, layers: [number, number]) {
+  const ckpt = Checkpoint.open(dir);
+  let cached: ReturnType<typeof ensureStageGraph>;
+  try {
+    cached = ensureStageGraph(ckpt, { first: layers[0], end: layers[1], precision: 'fp32' }, { cacheDir });
+  } finally {
+    ckpt.close();
+  }
+  const session = await ort.InferenceSession.create(cached.onnxPath, { intraOpNumThreads: 1 });
+  const counter = { runs: 0 };
+  const counted: StageSession = {
+    run: (feeds, fetches) => {
+      counter.runs++;
+      return session.run(feeds, fetches);
+    },
+  };
+  const open = () => new StageExecutor(counted, cached.shape, 8, MAX_LEN);
+  return { open, counter, shape: cached.shape, release: () => session.release() };
+}
+
+describe('one session run per micro-batch (emu3-tiny f32)', () => {
+  const dir = join(root, 'tiny-f32');
+  const V = 184622;
+  // Each sequence: its cached history, then this call's new tokens. Lengths 1 are decode rows; the rest are prefill
+  // chunks of different lengths, fresh (past 0) or continuing a cached prefix. Slots are not contiguous.
+  const sequences = [
+    { slot: 6, past: 9, fresh: 1 },
+    { slot: 1, past: 0, fresh: 6 },
+    { slot: 4, past: 3, fresh: 1 },
+    { slot: 0, past: 4, fresh: 5 },
+    { slot: 7, past: 13, fresh: 1 },
+    { slot: 3, past: 0, fresh: 2 },
+  ].map((s, i) => ({ ...s, ids: prompt(40 + i, s.past + s.fresh, V) }));
+  const items = sequences.map((s) => ({ slot: s.slot, start: s.past, length: s.fresh }));
+  const newTokens = sequences.flatMap((s) => s.ids.slice(s.past));
+
+  /** Fills each sequence's cached history into its slot, one call per sequence. */
+  async function prefillHistories(exec: StageExecutor, input: (s: (typeof sequences)[number]) => Promise<unknown>) {
+    for (const s of sequences) if (s.past > 0) await input(s);
+    return exec;
+  }
+
+  test('decode rows mixed with prefill chunks of several lengths equal each item alone, in ONE run per call', async () => {
+    const whole = await countingExecutor(dir, [0, 4]);
+    try {
+      const mixed = whole.open();
+      const alone = whole.open();
+      for (const exec of [mixed, alone])
+        await prefillHistories(exec, (s) =>
+          exec.forward([{ slot: s.slot, start: 0, length: s.past }], {
+            tokens: Int32Array.from(s.ids.slice(0, s.past)),
+          }),
+        );
+      const before = whole.counter.runs;
+      const out = await mixed.forward(items, { tokens: Int32Array.from(newTokens) });
+      assert.equal(whole.counter.runs - before, 1, 'the mixed call ran the session once');
+      assert.ok('logits' in out);
+      const next: number[] = [];
+      for (const [i, s] of sequences.entries()) {
+        const one = await alone.forward([items[i]], { tokens: Int32Array.from(s.ids.slice(s.past)) });
+        assert.ok('logits' in one);
+        const diff = maxAbsDiff(out.logits.subarray(i * V, (i + 1) * V), one.logits);
+        assert.ok(diff < 1e-5, `item ${i} (${s.fresh} new after ${s.past}): logits differ by ${diff}`);
+        next.push(argmax(one.logits));
+      }
+      // The K/V the mixed call wrote serve the next step: all six decode at once, with the in-graph sampling head.
+      const rows: SamplingRow[] = sequences.map((_, i) => ({
+        maskBegin: 0,
+        maskEnd: i === 2 ? 1000 : 0,
+        repetitionPenalty: i === 1 ? 1.3 : 1,
+        penalisedIds: i === 1 ? [next[1], 5] : [],
+        temperature: i === 3 ? 0.7 : 1,
+        topK: 4,
+        fullRow: i === 4,
+      }));
+      const decode = sequences.map((s) => ({ slot: s.slot, start: s.past + s.fresh, length: 1 }));
+      const runs = whole.counter.runs;
+      const step = await mixed.forward(decode, { tokens: Int32Array.from(next) }, rows);
+      assert.equal(whole.counter.runs - runs, 1);
+      assert.ok('topIds' in step);
+      for (let i = 0; i < sequences.length; i++) {
+        const one = await alone.forward([decode[i]], { tokens: Int32Array.of(next[i]) }, [rows[i]]);
+        assert.ok('topIds' in one);
+        assert.deepEqual(Array.from(step.topIds.subarray(i * 4, (i + 1) * 4)), Array.from(one.topIds), `item ${i} ids`);
+        const diff = maxAbsDiff(step.topLogprobs.subarray(i * 4, (i + 1) * 4), one.topLogprobs);
+        assert.ok(diff < 1e-5, `item ${i}: top logprobs differ by ${diff}`);
+        assert.equal(step.fullRows[i] === null, i !== 4);
+        const full = step.fullRows[i];
+        const fullAlone = one.fullRows[0];
+        if (full && fullAlone) assert.ok(maxAbsDiff(full, fullAlone) < 1e-5, `item ${i}: full row differs`);
+      }
+    } finally {
+      await whole.release();
+    }
+  });
+
+  test('a first stage of a split returns the flat hidden states of a mixed call in item order, each as alone', async () => {
+    const first = await countingExecutor(dir, [0, 2]);
+    try {
+      const mixed = first.open();
+      const alone = first.open();
+      for (const exec of [mixed, alone])
+        await prefillHistories(exec, (s) =>
+          exec.forward([{ slot: s.slot, start: 0, length: s.past }], {
+            tokens: Int32Array.from(s.ids.slice(0, s.past)),
+          }),
+        );
+      const before = first.counter.runs;
+      const out = await mixed.forward(items, { tokens: Int32Array.from(newTokens) });
+      assert.equal(first.counter.runs - before, 1);
+      assert.ok('hidden' in out);
+      const D = first.shape.hiddenSize;
+      assert.equal(out.hidden.length, newTokens.length * D);
+      let at = 0;
+      for (const [i, s] of sequences.entries()) {
+        const one = await alone.forward([items[i]], { tokens: Int32Array.from(s.ids.slice(s.past)) });
+        assert.ok('hidden' in one);
+        const diff = maxAbsDiff(out.hidden.subarray(at * D, (at + s.fresh) * D), one.hidden);
+        assert.ok(diff < 1e-5, `item ${i}: hidden states differ by ${diff}`);
+        at += s.fresh;
+      }
+    } finally {
+      await first.release();
+    }
+  });
+
+  test('hidden states move into the worker: a whole buffer is detached, a view into a larger one is copied', async () => {
+    const split = await Pipeline.open(dir, [0, 2, 4]);
+    try {
+      const ids = prompt(50, 7, V);
+      const item = (slot: number) => [{ slot, start: 0, length: ids.length }];
+      let out: ForwardOutput = await split.stages[0].forward(item(0), { tokens: Int32Array.from(ids) });
+      assert.ok('hidden' in out);
+      const hidden = out.hidden;
+      const copy = hidden.slice();
+      out = await split.stages[1].forward(item(0), { hidden });
+      assert.ok('logits' in out);
+      assert.equal(hidden.byteLength, 0, "the caller's array is detached (moved, not copied)");
+      const want = out.logits;
+      const big = new Float32Array(copy.length + 16);
+      big.set(copy, 8);
+      const view = big.subarray(8, 8 + copy.length);
+      out = await split.stages[1].forward(item(1), { hidden: view });
+      assert.ok('logits' in out);
+      assert.deepEqual(view, copy, 'a view into a larger buffer stays as it was');
+      assert.equal(maxAbsDiff(out.logits, want), 0);
+    } finally {
+      await split.close();
+    }
   });
 });
 
