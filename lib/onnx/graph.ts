@@ -1,5 +1,5 @@
 // Builds an ONNX model in JS and writes it as `<name>.onnx` + one external weight file `<name>.weights`, so that
-// ORT loads it by path (DESIGN.md §3: in-memory external data is copied, embedded weights triple peak memory).
+// ORT loads it by path (docs/architecture.md, "Stage graphs and devices": in-memory external data is copied, embedded weights triple peak memory).
 // Weights are appended to the weight file as they are added, so building never holds all of them at once.
 import { closeSync, openSync, renameSync, writeFileSync, writeSync } from 'node:fs';
 import { basename, join } from 'node:path';

@@ -1,4 +1,4 @@
-// The last stage's whole-vocabulary logit work, in the graph after lm_head (DESIGN.md §4), so the full logits never
+// The last stage's whole-vocabulary logit work, in the graph after lm_head (docs/architecture.md, "Sampling split"), so the full logits never
 // leave ORT. Per row, in transformers' order:
 //
 //   masked    = Where(mask_begin ≤ id < mask_end, -inf, logits)            task mask (begin = end: none)

@@ -1,5 +1,5 @@
 // The ONNX graph of one pipeline stage: decoder layers [first, end) of an Emu3 checkpoint, with the token embedding
-// on the first stage and the final norm + lm_head on the last (EMU3.md §1.2). One stage with all layers is the whole
+// on the first stage and the final norm + lm_head on the last (docs/model.md, "Forward pass"). One stage with all layers is the whole
 // model. One run serves a whole micro-batch, whatever its mix of decode rows and prefill chunks: every per-token
 // step (embedding, norms, projections, rotary, MLP) runs once over the call's T tokens flattened in item order, so
 // each weight is read once per run; only attention is per sequence, in two branches over the same flat tokens:
@@ -26,7 +26,7 @@
 //   chunk.causal_mask float [1, 1, G·S, S]  0 where new position j ≤ the query's position s (row g·S + s)
 //
 // The KV arena is owned by JS and fed as inputs (ORT wraps inputs without copying); the graph returns only the new
-// positions' post-rotary K and V, which the runtime writes into the arena (DESIGN.md §3, §5).
+// positions' post-rotary K and V, which the runtime writes into the arena (docs/architecture.md, "Stage graphs and devices", "KV lifecycle").
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
@@ -42,7 +42,7 @@ export const PRECISIONS: readonly Precision[] = ['fp32', 'int4'];
 interface LinearPlan {
   kind: 'fp32' | 'int4';
   scheme: Int4Scheme;
-  /** MatMulNBits accuracy_level: 4 = int8 compute, the fast CPU path (DESIGN.md §8). */
+  /** MatMulNBits accuracy_level: 4 = int8 compute, the fast CPU path (measured fastest here). */
   accuracyLevel: number;
 }
 
