@@ -4,20 +4,24 @@ import type * as grpc from '@grpc/grpc-js';
 import { createClient } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import {
+  type ForwardRequest,
   type ForwardResponse,
   RESULT_SINK_SERVICE,
-  type ReceivedForwardRequest,
   SHARD_PROTO,
   SHARD_SERVICE,
+  type StageError,
   type StepResult,
 } from '../../lib/rpc/shard-wire.js';
 
-type ForwardCall = grpc.ClientDuplexStream<ReceivedForwardRequest, ForwardResponse>;
+type ForwardCall = grpc.ClientDuplexStream<ForwardRequest, ForwardResponse>;
 
-/** Micro-batches sent on the current stream and not yet acknowledged, so a break can be reported for each. */
-interface Unacked {
+/** Requests sent on the current stream and not yet acknowledged, so a break can be reported for each lost batch. */
+export interface Unacked {
+  /** 0 for a KvCommand or Heartbeat. */
   microBatchId: number;
   replyTo: string;
+  /** The batch's refusals so far (the coordinator still needs to hear of them). */
+  refusals: StageError[];
 }
 
 export class NextHop {
@@ -34,9 +38,14 @@ export class NextHop {
     this.client = createClient(SHARD_PROTO, SHARD_SERVICE, address);
   }
 
-  send(request: ReceivedForwardRequest): void {
+  send(request: ForwardRequest): void {
     const stream = this.stream ?? this.open();
-    this.unacked.push({ microBatchId: request.batch?.micro_batch_id ?? 0, replyTo: request.batch?.reply_to ?? '' });
+    const batch = 'batch' in request ? request.batch : null;
+    this.unacked.push({
+      microBatchId: batch?.micro_batch_id ?? 0,
+      replyTo: batch?.reply_to ?? '',
+      refusals: batch?.refusals ?? [],
+    });
     stream.write(request);
   }
 
@@ -58,13 +67,18 @@ export class NextHop {
       const lost = this.unacked;
       this.unacked = [];
       this.log.warn('next-stage stream broken', { next: this.address, why, unacked: lost.length });
-      for (const u of lost) if (u.microBatchId !== 0 || u.replyTo) this.onLost(u, why);
+      for (const u of lost) if (u.replyTo) this.onLost(u, why);
     };
     stream.on('data', (ack: ForwardResponse) => {
       const sent = this.unacked.shift();
       // The next stage reports its own errors to the ResultSink itself; here they are only logged.
       if (ack.error)
-        this.log.warn('next stage refused', { next: this.address, microBatch: sent?.microBatchId, error: ack.error });
+        this.log.warn('next stage did not run a request', {
+          next: this.address,
+          microBatch: sent?.microBatchId,
+          kind: ack.error.kind,
+          error: ack.error.message,
+        });
     });
     stream.on('error', (err: Error) => fail(`Forward stream to ${this.address} failed: ${err.message}`));
     stream.on('end', () => fail(`Forward stream to ${this.address} ended`));

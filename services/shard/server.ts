@@ -15,6 +15,9 @@ import { ShardService } from './service.js';
 /** The largest SamplingSide.top_k accepted (Emu3-Gen's default is 2048, DESIGN.md §4). */
 export const MAX_TOP_K = 4096;
 
+/** --coordinator-lease default (the coordinator sends a Heartbeat at least every lease ÷ 4). */
+export const DEFAULT_LEASE_MS = 10_000;
+
 export interface ShardServerOptions {
   modelDir: string;
   /** [first, end): end is exclusive. */
@@ -32,6 +35,8 @@ export interface ShardServerOptions {
   threads?: number;
   /** Whether idle ORT threads spin (default true); see StageRuntimeOptions.spin. */
   spin?: boolean;
+  /** --coordinator-lease: free all KV after this long without a ForwardRequest of the current epoch; 0 = never. */
+  leaseMs?: number;
   log: Logger;
   drainTimeoutMs?: number;
   handleSignals?: boolean;
@@ -87,17 +92,23 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   });
   log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
 
+  const where = `stage [${first}, ${end})`;
   const sinks = new ResultSinks(log);
   const next = opts.next
-    ? new NextHop(opts.next, log, (lost, why) => {
-        if (lost.replyTo)
-          sinks.deliver(lost.replyTo, {
-            micro_batch_id: lost.microBatchId,
-            results: [],
-            stage_compute_ms: [],
-            error: `stage [${first}, ${end}) could not pass micro-batch ${lost.microBatchId} on: ${why}`,
-          });
-      })
+    ? new NextHop(opts.next, log, (lost, why) =>
+        sinks.deliver(lost.replyTo, {
+          micro_batch_id: lost.microBatchId,
+          results: [],
+          stage_compute_ms: [],
+          error: {
+            kind: 'STAGE_ERROR_KIND_STAGE_LOST',
+            message: `${where} could not pass micro-batch ${lost.microBatchId} on: ${why}`,
+            sequence_id: 0,
+            status_code: 0,
+          },
+          refusals: lost.refusals,
+        }),
+      )
     : undefined;
   const service = new ShardService(
     runtime,
@@ -106,7 +117,9 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
       fingerprint,
       numLayers: config.numHiddenLayers,
       capacity,
+      leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
       limits: {
+        where,
         isFirst: first === 0,
         isLast,
         vocabSize: config.vocabSize,
@@ -120,6 +133,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     log,
   );
   const close = async () => {
+    service.stopLease();
     next?.close();
     sinks.close();
     await runtime.close();
