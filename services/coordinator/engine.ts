@@ -72,8 +72,12 @@ export interface GenerateJob {
 
 /** Where micro-batches and KV commands go, in order (stage 0's Forward stream). */
 export interface Transport {
-  send(request: ForwardRequest): void;
+  /** The transport stamps the coordinator's epoch on it. */
+  send(request: PipelineRequest): void;
 }
+
+/** A ForwardRequest without its epoch. */
+export type PipelineRequest = ForwardRequest extends infer R ? (R extends unknown ? Omit<R, 'epoch'> : never) : never;
 
 export interface EngineOptions {
   scheduler: SchedulerConfig;
@@ -277,14 +281,15 @@ export class Engine {
   onAck(ack: ForwardResponse): void {
     if (!ack.error) return;
     const plan = this.inFlight.get(ack.micro_batch_id);
-    this.failBatch(plan, `stage 0 could not run micro-batch ${ack.micro_batch_id}: ${ack.error}`);
+    this.failBatch(plan, `stage 0 could not run micro-batch ${ack.micro_batch_id}: ${ack.error.message}`);
   }
 
   onStepResult(result: StepResult): void {
     const plan = this.inFlight.get(result.micro_batch_id);
     if (!plan) return; // a batch whose sequences all failed already
-    if (result.error) {
-      this.failBatch(plan, `the last stage could not finish micro-batch ${result.micro_batch_id}: ${result.error}`);
+    const error = result.error ?? result.refusals?.[0];
+    if (error) {
+      this.failBatch(plan, `the last stage could not finish micro-batch ${result.micro_batch_id}: ${error.message}`);
       return;
     }
     this.inFlight.delete(result.micro_batch_id);
@@ -453,6 +458,7 @@ export class Engine {
       penalised_ids: seq.penalised ? [...seq.penalised] : [],
       top_k: seq.plan.topK,
       full_row: seq.plan.fullRow,
+      penalty_reset: true,
     };
   }
 
@@ -565,7 +571,7 @@ export class Engine {
   }
 
   /** Sends to the pipeline; a send that throws (the stream is gone) fails everything, never the caller. */
-  private emit(request: ForwardRequest): void {
+  private emit(request: PipelineRequest): void {
     if (this.stopped || this.down) return;
     try {
       this.transport.send(request);

@@ -11,6 +11,7 @@ import {
   SHARD_SERVICE,
   type ShardInfo,
 } from '../../lib/rpc/shard-wire.js';
+import type { PipelineRequest } from './engine.js';
 import { checkTopology, type PipelineShape, type StageDescription, TopologyError } from './topology.js';
 
 export interface PipelineEvents {
@@ -22,6 +23,9 @@ export interface PipelineEvents {
 export class PipelineClient {
   private readonly clients: grpc.Client[];
   private stream: grpc.ClientDuplexStream<ForwardRequest, ForwardResponse> | null = null;
+  /** This coordinator's epoch: larger than any earlier coordinator's (milliseconds since 1970 at start). */
+  readonly epoch = Date.now();
+  private heartbeat: NodeJS.Timeout | null = null;
 
   constructor(
     readonly addresses: readonly string[],
@@ -62,7 +66,7 @@ export class PipelineClient {
 
   /** Drops all KV on every stage (a coordinator start must not inherit a previous one's slots). */
   async resetAll(): Promise<void> {
-    await Promise.all(this.clients.map((c) => unaryCall(c, 'Reset', {}, { deadlineMs: 10_000 })));
+    await Promise.all(this.clients.map((c) => unaryCall(c, 'Reset', { epoch: this.epoch }, { deadlineMs: 10_000 })));
   }
 
   /** Opens the Forward stream to stage 0. */
@@ -79,6 +83,10 @@ export class PipelineClient {
       events.onBroken(error);
     };
     stream.on('data', (ack: ForwardResponse) => events.onAck(ack));
+    // Keeps the shards' coordinator lease (default 10 s) alive while idle.
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = setInterval(() => this.stream?.write({ heartbeat: {}, epoch: this.epoch }), 2000);
+    this.heartbeat.unref();
     stream.on('error', (err: Error) =>
       fail(new Error(`Forward stream to ${this.addresses[0]} failed: ${err.message}`)),
     );
@@ -90,12 +98,14 @@ export class PipelineClient {
     return this.stream !== null;
   }
 
-  send(request: ForwardRequest): void {
+  send(request: PipelineRequest): void {
     if (!this.stream) throw new Error(`no Forward stream to ${this.addresses[0]} (pipeline down)`);
-    this.stream.write(request);
+    this.stream.write({ ...request, epoch: this.epoch } as ForwardRequest);
   }
 
   close(): void {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = null;
     this.stream?.end();
     this.stream = null;
     for (const c of this.clients) c.close();

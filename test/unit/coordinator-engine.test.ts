@@ -83,7 +83,13 @@ class FakePipeline {
     if (this.failNext) {
       this.failNext = false;
       const error = `stage [0, 2) could not pass micro-batch ${b.micro_batch_id} on: stream ended`;
-      this.engine.onStepResult({ micro_batch_id: b.micro_batch_id, results: [], stage_compute_ms: [], error });
+      this.engine.onStepResult({
+        micro_batch_id: b.micro_batch_id,
+        results: [],
+        stage_compute_ms: [],
+        error: { kind: 'STAGE_ERROR_KIND_STAGE_LOST', message: error, sequence_id: 0, status_code: 0 },
+        refusals: [],
+      });
       return;
     }
     let at = 0;
@@ -105,7 +111,13 @@ class FakePipeline {
       results.push({ sequence_id: item.sequence_id, ...this.row(kv, s.top_k, s.full_row, s.temperature) });
     }
     this.applyKvCommands();
-    this.engine.onStepResult({ micro_batch_id: b.micro_batch_id, results, stage_compute_ms: [1, 1], error: '' });
+    this.engine.onStepResult({
+      micro_batch_id: b.micro_batch_id,
+      results,
+      stage_compute_ms: [1, 1],
+      error: null,
+      refusals: [],
+    });
   }
   private row(kv: number[], k: number, full: boolean, temperature: number) {
     const h = hash(kv);

@@ -25,6 +25,8 @@ function info(begin: number, end: number, over: Partial<ShardInfo> = {}): ShardI
     visual_token_begin: 151854,
     visual_token_end: 184622,
     max_top_k: 2048,
+    lease_ms: 10000,
+    epoch: 0,
     ...over,
   };
 }
