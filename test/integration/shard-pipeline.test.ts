@@ -911,19 +911,19 @@ test(
     const held = async () => (await info(client)).kv_tokens_in_use;
     try {
       assert.deepEqual([(await info(client)).lease_ms, (await info(client)).epoch], [1500, 0]);
-    // Acks are written one at a time per stream: a flood of requests while this client reads nothing (so the shard's
-    // writes meet backpressure) must not pile listeners up on the call.
-    const flood = 20_000;
-    d.raw.pause();
-    for (let i = 0; i < flood; i++) d.write({ heartbeat: {}, epoch });
-    await sleep(1500);
-    d.raw.resume();
-    for (let i = 0; i < flood; i++) assert.equal((await d.nextAck()).error, null);
-    assert.deepEqual(
-      solo.logs.filter((l) => /MaxListenersExceeded/.test(String(l.raw ?? ''))),
-      [],
-      'no MaxListenersExceededWarning',
-    );
+      // Acks are written one at a time per stream: a flood of requests while this client reads nothing (so the shard's
+      // writes meet backpressure) must not pile listeners up on the call.
+      const flood = 20_000;
+      d.raw.pause();
+      for (let i = 0; i < flood; i++) d.write({ heartbeat: {}, epoch });
+      await sleep(1500);
+      d.raw.resume();
+      for (let i = 0; i < flood; i++) assert.equal((await d.nextAck()).error, null);
+      assert.deepEqual(
+        solo.logs.filter((l) => /MaxListenersExceeded/.test(String(l.raw ?? ''))),
+        [],
+        'no MaxListenersExceededWarning',
+      );
       const first = await d.run([{ seq: 70, slot: 0, start: 0, tokens: [151849, 5, 6], sample: side(70) }]);
       assert.deepEqual([first.result.error, first.result.results.length], [null, 1]);
       assert.equal(await held(), 3);
@@ -955,6 +955,44 @@ test(
       client.close();
       solo.proc.kill('SIGTERM');
       await solo.exited;
+    }
+  },
+);
+
+test(
+  'stage lost: a batch the next stage never acknowledged is reported STAGE_LOST with its refusals so far',
+  { timeout: 120_000 },
+  async () => {
+    const last = await startShard('2-4');
+    extraShards.push(last);
+    const head = await startShard('0-2', last.address);
+    extraShards.push(head);
+    const client = createClient(SHARD_PROTO, SHARD_SERVICE, head.address);
+    const d = new Driver(client);
+    try {
+      const ok = await d.run([{ seq: 80, slot: 0, start: 0, tokens: [151849, 5], sample: side(80) }]);
+      assert.deepEqual([ok.result.error, ok.result.results.length], [null, 1]);
+      last.proc.kill('SIGKILL');
+      await last.exited;
+      const lost = await d.run([
+        { seq: 81, slot: 1, start: 0, tokens: [151849, 6], sample: side(81) },
+        { seq: 82, slot: 2, start: 4, tokens: [7], sample: side(82) },
+      ]);
+      assert.equal(lost.ack.error, null, 'stage 0 ran it');
+      assert.equal(lost.result.error?.kind, 'STAGE_ERROR_KIND_STAGE_LOST');
+      assert.match(
+        lost.result.error?.message ?? '',
+        new RegExp(`^stage \\[0, 2\\) could not pass micro-batch ${lost.ack.micro_batch_id} on: Forward stream to `),
+      );
+      assert.deepEqual(lost.result.results, []);
+      assert.deepEqual(lost.result.refusals.map(refusal), [
+        { kind: 'STAGE_ERROR_KIND_REFUSED', sequence_id: 82, status_code: 9 },
+      ]);
+    } finally {
+      d.end();
+      client.close();
+      head.proc.kill('SIGTERM');
+      await head.exited;
     }
   },
 );
