@@ -24,10 +24,20 @@ export interface Unacked {
   refusals: StageError[];
 }
 
+/**
+ * How long a new stream waits for the next stage's connection before it is opened anyway (and fails at once if the
+ * stage is still gone): a next stage restarted a moment ago is reached on the channel's next retry (≤ 1 s,
+ * INTERNAL_RECONNECT) instead of the first batch after the restart being lost to a stale connection failure.
+ */
+export const CONNECT_WAIT_MS = 2000;
+
 export class NextHop {
   private readonly client: grpc.Client;
   private stream: ForwardCall | null = null;
   private unacked: Unacked[] = [];
+  /** Requests waiting for the channel before a new stream opens (in order); null when not waiting. */
+  private waiting: ForwardRequest[] | null = null;
+  private closed = false;
 
   constructor(
     readonly address: string,
@@ -39,7 +49,33 @@ export class NextHop {
   }
 
   send(request: ForwardRequest): void {
-    const stream = this.stream ?? this.open();
+    if (this.closed) return;
+    if (this.stream) this.write(this.stream, request);
+    else if (this.waiting) this.waiting.push(request);
+    else this.connectThenOpen(request);
+  }
+
+  /** Waits (≤ CONNECT_WAIT_MS) for the channel, then opens a stream and writes what queued meanwhile, in order. */
+  private connectThenOpen(request: ForwardRequest): void {
+    this.waiting = [request];
+    this.client.waitForReady(Date.now() + CONNECT_WAIT_MS, () => {
+      const queued = this.waiting ?? [];
+      this.waiting = null;
+      if (this.closed) return;
+      const stream = this.stream ?? this.open();
+      for (const r of queued) this.write(stream, r);
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    this.waiting = null;
+    this.stream?.end();
+    this.stream = null;
+    this.client.close();
+  }
+
+  private write(stream: ForwardCall, request: ForwardRequest): void {
     const batch = 'batch' in request ? request.batch : null;
     this.unacked.push({
       microBatchId: batch?.micro_batch_id ?? 0,
@@ -47,12 +83,6 @@ export class NextHop {
       refusals: batch?.refusals ?? [],
     });
     stream.write(request);
-  }
-
-  close(): void {
-    this.stream?.end();
-    this.stream = null;
-    this.client.close();
   }
 
   private open(): ForwardCall {

@@ -988,11 +988,19 @@ test(
       assert.deepEqual(lost.result.refusals.map(refusal), [
         { kind: 'STAGE_ERROR_KIND_REFUSED', sequence_id: 82, status_code: 9 },
       ]);
+      // The last stage comes back at the same address: the very next batch reaches it (stage 0 waits for its channel
+      // to reconnect rather than failing on the connection refused a moment ago).
+      const args = ['shard', '--model', modelDir, '--layers', '2-4', '--listen', last.address, '--threads', '1'];
+      args.push('--max-slots', String(SLOTS), '--slot-tokens', String(SLOT_TOKENS));
+      extraShards.push(await spawnService(args, 'shard 2-4 restarted', 60_000));
+      const again = await d.run([{ seq: 83, slot: 3, start: 0, tokens: [151849, 8], sample: side(83) }]);
+      assert.deepEqual([again.result.error, again.result.results.map((r) => r.sequence_id)], [null, [83]]);
     } finally {
       d.end();
       client.close();
       head.proc.kill('SIGTERM');
       await head.exited;
+      for (const s of extraShards) if (s.proc.exitCode === null) s.proc.kill('SIGTERM');
     }
   },
 );
