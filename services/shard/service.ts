@@ -243,6 +243,7 @@ export class ShardService {
   private async runKv(cmd: KvCommand, epoch: number, queueMs: number): Promise<ForwardResponse> {
     const started = performance.now();
     const { ops, errors } = planKvCommand(cmd, this.ledger);
+    const problems = errors.map((e) => e.message);
     try {
       for (const op of ops) {
         if ('copy' in op) {
@@ -252,12 +253,18 @@ export class ShardService {
         } else await this.freeSlot(op.free);
       }
     } catch (err) {
-      errors.push(`internal error: ${describe(err)}`);
+      problems.push(`internal error: ${describe(err)}`);
     }
     let error: StageError | null = null;
-    if (errors.length > 0) {
-      error = { ...stageError('STAGE_ERROR_KIND_REFUSED', `${this.where()}: ${errors.join('; ')}`), status_code: 3 };
-      this.log.warn('kv command entries not applied', { errors });
+    if (problems.length > 0) {
+      // Informational (no sequence is refused): the entries not applied, with the first one's status.
+      error = {
+        kind: errors.length > 0 ? 'STAGE_ERROR_KIND_REFUSED' : 'STAGE_ERROR_KIND_INTERNAL',
+        message: `${this.where()}: ${problems.join('; ')}`,
+        sequence_id: 0,
+        status_code: errors[0]?.code ?? 0,
+      };
+      this.log.warn('kv command entries not applied', { errors: problems });
     }
     // Every stage applies every command in stream order, whatever happened here.
     this.links.next?.send({ kv: cmd, epoch });

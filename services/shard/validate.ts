@@ -329,16 +329,16 @@ export type KvOp = { copy: { from: number; to: number; length: number } } | { fr
 export function planKvCommand(
   cmd: { copies?: readonly { from_slot: number; to_slot: number; length: number }[]; free_slots?: readonly number[] },
   ledger: KvLedger,
-): { ops: KvOp[]; errors: string[] } {
+): { ops: KvOp[]; errors: ShardRequestError[] } {
   const sim = ledger.clone();
   const ops: KvOp[] = [];
-  const errors: string[] = [];
+  const errors: ShardRequestError[] = [];
   const attempt = (apply: () => KvOp) => {
     try {
       ops.push(apply());
     } catch (err) {
       if (!(err instanceof ShardRequestError)) throw err;
-      errors.push(err.message);
+      errors.push(err);
     }
   };
   (cmd.copies ?? []).forEach((c, i) => {

@@ -571,6 +571,7 @@ test(
       assert.equal(ack.error, null, 'a refusal is not an error of the batch');
       assert.equal(result.error, null);
       assert.deepEqual(result.results, []);
+      assert.equal(result.stage_compute_ms.length, 2, 'the emptied batch still went through every stage');
       assert.equal(result.refusals.length, 1, String(message));
       assert.deepEqual(refusal(result.refusals[0]), {
         kind: 'STAGE_ERROR_KIND_REFUSED',
@@ -633,6 +634,7 @@ test(
     ]);
     assert.deepEqual(await inUse(), [3, 3]);
     const kvAck = await pipeline.kv({ free_slots: [99, 3] });
+    assert.deepEqual([kvAck.error?.kind, kvAck.error?.status_code], ['STAGE_ERROR_KIND_REFUSED', 3]);
     assert.match(kvAck.error?.message ?? '', /^stage \[0, 2\): kv\.free_slots\[0\] 99 is out of range \[0, 8\)/);
     assert.deepEqual(await waitFor(inUse, (v) => v[1] === 2), [2, 2], 'slot 3 freed on both stages');
     await assert.rejects(unaryCall(stage0, 'Free', { slots: [3, 99] }), (err: grpc.ServiceError) => {

@@ -523,7 +523,12 @@ test('planKvCommand: valid entries apply in order (copies, then frees); invalid 
     { free: 3 },
   ]);
   assert.equal(errors.length, 2);
-  assert.match(errors[0], /kv\.copies\[1\]\.length 1 exceeds the 0 positions slot 2 holds/);
-  assert.match(errors[1], /kv\.free_slots\[1\] 9 is out of range \[0, 4\)/);
+  assert.match(errors[0].message, /kv\.copies\[1\]\.length 1 exceeds the 0 positions slot 2 holds/);
+  assert.match(errors[1].message, /kv\.free_slots\[1\] 9 is out of range \[0, 4\)/);
+  assert.deepEqual(
+    errors.map((e) => e.code),
+    [9, 3],
+    'KV not present: FAILED_PRECONDITION; a bad slot: INVALID_ARGUMENT',
+  );
   assert.deepEqual([ledger.held(0), ledger.held(1), ledger.held(2)], [9, 0, 0], 'unchanged');
 });
