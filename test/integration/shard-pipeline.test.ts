@@ -1,7 +1,9 @@
-// Two real shard processes (`emu3 shard`, layers 0-2 → 2-4 of emu3-tiny, chained with --next) driven the way the
-// coordinator drives them: one Forward stream to stage 0, results on a ResultSink served by this test process.
-// Truth: `emu3 logits --steps` (single-stage greedy), and for candidates and full rows the single-stage logits of
-// the same history run through the float64 reference of the last stage's row processing.
+// Real shard processes (`emu3 shard`, layers 0-2 → 2-4 of emu3-tiny, chained with --next) driven the way the
+// coordinator drives them: a Forward stream to stage 0 carrying the coordinator epoch, results on a ResultSink served
+// by this test process. Truth: `emu3 logits --steps` (single-stage greedy); for candidates and full rows the
+// single-stage logits of the same history run through the float64 reference of the last stage's row processing; for
+// refusals and penalty deltas the same requests without the refused item or with the whole penalised list. Tests of
+// the lease and of a lost stage start shards of their own.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
