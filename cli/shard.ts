@@ -4,7 +4,7 @@ import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/capacity.js';
-import { startShardServer } from '../services/shard/server.js';
+import { DEFAULT_LEASE_MS, startShardServer } from '../services/shard/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
 
@@ -37,6 +37,10 @@ const spec: CommandSpec = {
     'no-spin': {
       boolean: true,
       help: 'idle ORT threads sleep at once instead of spin-waiting (for shards sharing cores with other processes)',
+    },
+    'coordinator-lease': {
+      help: 'ms without a request from the current coordinator (batches, KV commands, heartbeats) after which all KV is freed; 0 = never',
+      default: String(DEFAULT_LEASE_MS),
     },
     'drain-timeout-ms': {
       help: 'on SIGTERM/SIGINT, how long queued micro-batches may take before the rest are cut off',
@@ -71,6 +75,7 @@ export const command: Command = {
       cacheDir: flags.string('cache-dir'),
       threads: flags.int('threads', 1, 1024),
       spin: !flags.bool('no-spin'),
+      leaseMs: flags.int('coordinator-lease', 0, 2_147_483_647),
       log: log.child({ layers: `${layers[0]}-${layers[1]}` }),
       drainTimeoutMs: flags.int('drain-timeout-ms', 0),
     });

@@ -1,4 +1,4 @@
-// How much KV a stage holds (DESIGN.md §5): `slots` slots of up to `slotTokens` positions each, sized at start from a
+// How much KV a stage holds (docs/architecture.md, "KV lifecycle"): `slots` slots of up to `slotTokens` positions each, sized at start from a
 // byte budget. The arena keeps K and V for every layer of the stage in fp32.
 
 export interface KvCapacityInput {

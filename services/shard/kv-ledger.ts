@@ -2,8 +2,20 @@
 // checked (and Info answered) without asking the worker. Every change the worker makes is applied here in the same
 // order: prefix copies, the positions a micro-batch writes, frees.
 
+/** gRPC status codes a refusal carries (StageError.status_code). */
+export const INVALID_ARGUMENT = 3;
+export const RESOURCE_EXHAUSTED = 8;
+export const FAILED_PRECONDITION = 9;
+
+/** A request (or one item of it) this stage cannot run; `code` is the gRPC status the request should end with. */
 export class ShardRequestError extends Error {
   override name = 'ShardRequestError';
+  constructor(
+    message: string,
+    readonly code: number = INVALID_ARGUMENT,
+  ) {
+    super(message);
+  }
 }
 
 export class KvLedger {
@@ -39,15 +51,23 @@ export class KvLedger {
       throw new ShardRequestError(`${what} ${slot} is out of range [0, ${this.slots}) (kv_slots)`);
   }
 
-  /** `to` then holds the first `length` positions of `from`. */
-  copy(from: number, to: number, length: number, what: string): void {
+  /** Throws unless `to` can take the first `length` positions of `from`. */
+  checkCopy(from: number, to: number, length: number, what: string): void {
     this.checkSlot(from, `${what}.from_slot`);
     this.checkSlot(to, `${what}.to_slot`);
     if (from === to) throw new ShardRequestError(`${what}: from_slot and to_slot are both ${from}`);
-    if (!Number.isInteger(length) || length < 0 || length > this.filled[from])
+    if (!Number.isInteger(length) || length < 0)
+      throw new ShardRequestError(`${what}.length ${length} must be an integer ≥ 0`);
+    if (length > this.filled[from])
       throw new ShardRequestError(
         `${what}.length ${length} exceeds the ${this.filled[from]} positions slot ${from} holds`,
+        FAILED_PRECONDITION,
       );
+  }
+
+  /** `to` then holds the first `length` positions of `from`. */
+  copy(from: number, to: number, length: number, what: string): void {
+    this.checkCopy(from, to, length, what);
     this.filled[to] = length;
   }
 

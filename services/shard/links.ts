@@ -4,26 +4,40 @@ import type * as grpc from '@grpc/grpc-js';
 import { createClient } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import {
+  type ForwardRequest,
   type ForwardResponse,
   RESULT_SINK_SERVICE,
-  type ReceivedForwardRequest,
   SHARD_PROTO,
   SHARD_SERVICE,
+  type StageError,
   type StepResult,
 } from '../../lib/rpc/shard-wire.js';
 
-type ForwardCall = grpc.ClientDuplexStream<ReceivedForwardRequest, ForwardResponse>;
+type ForwardCall = grpc.ClientDuplexStream<ForwardRequest, ForwardResponse>;
 
-/** Micro-batches sent on the current stream and not yet acknowledged, so a break can be reported for each. */
-interface Unacked {
+/** Requests sent on the current stream and not yet acknowledged, so a break can be reported for each lost batch. */
+export interface Unacked {
+  /** 0 for a KvCommand or Heartbeat. */
   microBatchId: number;
   replyTo: string;
+  /** The batch's refusals so far (the coordinator still needs to hear of them). */
+  refusals: StageError[];
 }
+
+/**
+ * How long a new stream waits for the next stage's connection before it is opened anyway (and fails at once if the
+ * stage is still gone): a next stage restarted a moment ago is reached on the channel's next retry (≤ 1 s,
+ * INTERNAL_RECONNECT) instead of the first batch after the restart being lost to a stale connection failure.
+ */
+export const CONNECT_WAIT_MS = 2000;
 
 export class NextHop {
   private readonly client: grpc.Client;
   private stream: ForwardCall | null = null;
   private unacked: Unacked[] = [];
+  /** Requests waiting for the channel before a new stream opens (in order); null when not waiting. */
+  private waiting: ForwardRequest[] | null = null;
+  private closed = false;
 
   constructor(
     readonly address: string,
@@ -34,16 +48,41 @@ export class NextHop {
     this.client = createClient(SHARD_PROTO, SHARD_SERVICE, address);
   }
 
-  send(request: ReceivedForwardRequest): void {
-    const stream = this.stream ?? this.open();
-    this.unacked.push({ microBatchId: request.batch?.micro_batch_id ?? 0, replyTo: request.batch?.reply_to ?? '' });
-    stream.write(request);
+  send(request: ForwardRequest): void {
+    if (this.closed) return;
+    if (this.stream) this.write(this.stream, request);
+    else if (this.waiting) this.waiting.push(request);
+    else this.connectThenOpen(request);
+  }
+
+  /** Waits (≤ CONNECT_WAIT_MS) for the channel, then opens a stream and writes what queued meanwhile, in order. */
+  private connectThenOpen(request: ForwardRequest): void {
+    this.waiting = [request];
+    this.client.waitForReady(Date.now() + CONNECT_WAIT_MS, () => {
+      const queued = this.waiting ?? [];
+      this.waiting = null;
+      if (this.closed) return;
+      const stream = this.stream ?? this.open();
+      for (const r of queued) this.write(stream, r);
+    });
   }
 
   close(): void {
+    this.closed = true;
+    this.waiting = null;
     this.stream?.end();
     this.stream = null;
     this.client.close();
+  }
+
+  private write(stream: ForwardCall, request: ForwardRequest): void {
+    const batch = 'batch' in request ? request.batch : null;
+    this.unacked.push({
+      microBatchId: batch?.micro_batch_id ?? 0,
+      replyTo: batch?.reply_to ?? '',
+      refusals: batch?.refusals ?? [],
+    });
+    stream.write(request);
   }
 
   private open(): ForwardCall {
@@ -58,13 +97,18 @@ export class NextHop {
       const lost = this.unacked;
       this.unacked = [];
       this.log.warn('next-stage stream broken', { next: this.address, why, unacked: lost.length });
-      for (const u of lost) if (u.microBatchId !== 0 || u.replyTo) this.onLost(u, why);
+      for (const u of lost) if (u.replyTo) this.onLost(u, why);
     };
     stream.on('data', (ack: ForwardResponse) => {
       const sent = this.unacked.shift();
       // The next stage reports its own errors to the ResultSink itself; here they are only logged.
       if (ack.error)
-        this.log.warn('next stage refused', { next: this.address, microBatch: sent?.microBatchId, error: ack.error });
+        this.log.warn('next stage did not run a request', {
+          next: this.address,
+          microBatch: sent?.microBatchId,
+          kind: ack.error.kind,
+          error: ack.error.message,
+        });
     });
     stream.on('error', (err: Error) => fail(`Forward stream to ${this.address} failed: ${err.message}`));
     stream.on('end', () => fail(`Forward stream to ${this.address} ended`));

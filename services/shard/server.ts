@@ -12,8 +12,11 @@ import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS, kvCapacity } from './capaci
 import { NextHop, ResultSinks } from './links.js';
 import { ShardService } from './service.js';
 
-/** The largest SamplingSide.top_k accepted (Emu3-Gen's default is 2048, DESIGN.md §4). */
+/** The largest SamplingSide.top_k accepted (Emu3-Gen's default is 2048, docs/architecture.md, "Sampling split"). */
 export const MAX_TOP_K = 4096;
+
+/** --coordinator-lease default (the coordinator sends a Heartbeat at least every lease ÷ 4). */
+export const DEFAULT_LEASE_MS = 10_000;
 
 export interface ShardServerOptions {
   modelDir: string;
@@ -32,6 +35,8 @@ export interface ShardServerOptions {
   threads?: number;
   /** Whether idle ORT threads spin (default true); see StageRuntimeOptions.spin. */
   spin?: boolean;
+  /** --coordinator-lease: free all KV after this long without a ForwardRequest of the current epoch; 0 = never. */
+  leaseMs?: number;
   log: Logger;
   drainTimeoutMs?: number;
   handleSignals?: boolean;
@@ -61,7 +66,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   } finally {
     ckpt.close();
   }
-  // The visual ids come from the tokenizer files, never from constants (DESIGN.md §3).
+  // The visual ids come from the tokenizer files, never from constants (docs/model.md, "Special tokens and ids").
   const visual = isLast ? loadTokenizer(modelDir).visual : { start: 0, count: 0 };
   const capacity = kvCapacity({
     layers: end - first,
@@ -87,17 +92,23 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   });
   log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
 
+  const where = `stage [${first}, ${end})`;
   const sinks = new ResultSinks(log);
   const next = opts.next
-    ? new NextHop(opts.next, log, (lost, why) => {
-        if (lost.replyTo)
-          sinks.deliver(lost.replyTo, {
-            micro_batch_id: lost.microBatchId,
-            results: [],
-            stage_compute_ms: [],
-            error: `stage [${first}, ${end}) could not pass micro-batch ${lost.microBatchId} on: ${why}`,
-          });
-      })
+    ? new NextHop(opts.next, log, (lost, why) =>
+        sinks.deliver(lost.replyTo, {
+          micro_batch_id: lost.microBatchId,
+          results: [],
+          stage_compute_ms: [],
+          error: {
+            kind: 'STAGE_ERROR_KIND_STAGE_LOST',
+            message: `${where} could not pass micro-batch ${lost.microBatchId} on: ${why}`,
+            sequence_id: 0,
+            status_code: 0,
+          },
+          refusals: lost.refusals,
+        }),
+      )
     : undefined;
   const service = new ShardService(
     runtime,
@@ -106,7 +117,9 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
       fingerprint,
       numLayers: config.numHiddenLayers,
       capacity,
+      leaseMs: opts.leaseMs ?? DEFAULT_LEASE_MS,
       limits: {
+        where,
         isFirst: first === 0,
         isLast,
         vocabSize: config.vocabSize,
@@ -120,6 +133,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     log,
   );
   const close = async () => {
+    service.stopLease();
     next?.close();
     sinks.close();
     await runtime.close();

@@ -1,13 +1,22 @@
-// The shard's pure parts: KV capacity from the budget flags, the KV ledger, and the checks that turn a ForwardRequest
-// into runtime work (or an error naming the field and the limit) without changing the ledger.
+// The shard's pure parts: KV capacity from the budget flags, the KV ledger, the per-item checks that turn a micro-batch
+// into runtime work plus refusals (each naming the stage, the field and the limit) without changing the ledger, the
+// penalised sets kept per slot, and KvCommands applied entry by entry.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import type { BatchItem, MicroBatch, SamplingSide } from '../../lib/rpc/shard-wire.js';
 import { kvCapacity } from '../../services/shard/capacity.js';
 import { KvLedger, ShardRequestError } from '../../services/shard/kv-ledger.js';
-import { checkKvCommand, planBatch, type StageLimits } from '../../services/shard/validate.js';
+import { PenaltySets } from '../../services/shard/penalty-sets.js';
+import {
+  type BatchPlan,
+  planBatch,
+  planKvCommand,
+  type StageLimits,
+  samplingRows,
+} from '../../services/shard/validate.js';
 
 const first: StageLimits = {
+  where: 'stage [0, 2)',
   isFirst: true,
   isLast: false,
   vocabSize: 1000,
@@ -16,7 +25,14 @@ const first: StageLimits = {
   visualBegin: 0,
   visualEnd: 0,
 };
-const last: StageLimits = { ...first, isFirst: false, isLast: true, visualBegin: 800, visualEnd: 1000 };
+const last: StageLimits = {
+  ...first,
+  where: 'stage [2, 4)',
+  isFirst: false,
+  isLast: true,
+  visualBegin: 800,
+  visualEnd: 1000,
+};
 
 function item(over: Partial<BatchItem>): BatchItem {
   return { sequence_id: 1, slot: 0, start_position: 0, token_count: 1, sample: false, copy_prefix: null, ...over };
@@ -44,12 +60,24 @@ function side(over: Partial<SamplingSide> = {}): SamplingSide {
     penalised_ids: [],
     top_k: 5,
     full_row: false,
+    penalty_reset: false,
     ...over,
   };
 }
 
+/** Hidden rows whose every value is its row number (so a test can tell which rows were kept). */
 function hidden(tokens: number, width = 4) {
-  return { data: Buffer.alloc(tokens * width * 4), dtype: 'DTYPE_FLOAT32' as const, shape: [tokens, width] };
+  const data = Buffer.alloc(tokens * width * 4);
+  for (let i = 0; i < tokens * width; i++) data.writeFloatLE(Math.floor(i / width), i * 4);
+  return { data, dtype: 'DTYPE_FLOAT32' as const, shape: [tokens, width] };
+}
+
+/** planBatch with exactly one refusal: returns it. */
+function oneRefusal(plan: BatchPlan) {
+  assert.equal(plan.refusals.length, 1, JSON.stringify(plan.refusals));
+  const [r] = plan.refusals;
+  assert.equal(r.kind, 'STAGE_ERROR_KIND_REFUSED');
+  return r;
 }
 
 describe('kvCapacity', () => {
@@ -127,90 +155,232 @@ describe('planBatch', () => {
       first,
       ledger,
     );
+    assert.deepEqual(plan.refusals, []);
     assert.deepEqual(plan.copies, [{ from: 3, to: 1, length: 8 }]);
     assert.deepEqual(plan.items, [
       { slot: 0, start: 0, length: 3 },
       { slot: 1, start: 8, length: 2 },
     ]);
-    assert.ok('tokens' in plan.input);
+    assert.ok(plan.input && 'tokens' in plan.input);
     assert.deepEqual(Array.from(plan.input.tokens), [1, 2, 3, 4, 5]);
-    assert.equal(plan.sampling, undefined);
     assert.deepEqual([ledger.held(1), ledger.tokensInUse], [0, 10], 'the ledger is not changed by a plan');
   });
 
-  test('every refusal names the field and the limit', () => {
+  test('an item this stage cannot run is refused alone, with its tokens, naming the stage, field and limit', () => {
     const ledger = new KvLedger(4, 64);
     ledger.write(2, 0, 5);
-    const cases: [MicroBatch, RegExp][] = [
-      [batch([]), /items is empty/],
+    // Each case: a bad item 1 (sequence 9) between two good ones; [item, token ids of item 1, message, status code].
+    const cases: [Partial<BatchItem>, number[] | null, RegExp, number][] = [
       [
-        batch(Array.from({ length: 5 }, (_, i) => item({ sequence_id: i, slot: i % 4 }))),
-        /5 items exceed the 4 KV slots/,
+        { slot: 4 },
+        null,
+        /^stage \[0, 2\): items\[1\] \(sequence 9\)\.slot 4 is out of range \[0, 4\) \(kv_slots\)$/,
+        3,
       ],
-      [batch([item({ slot: 4 })]), /items\[0\] \(sequence 1\)\.slot 4 is out of range \[0, 4\) \(kv_slots\)/],
-      [batch([item({ slot: 1, token_count: 0 })]), /token_count must be ≥ 1, got 0/],
+      [{ slot: 1, token_count: 0 }, null, /items\[1\] \(sequence 9\)\.token_count must be ≥ 1, got 0/, 3],
       [
-        batch([item({ slot: 2, start_position: 5, token_count: 60 })]),
-        /start_position 5 \+ token_count 60 exceeds the slot capacity 64/,
-      ],
-      [batch([item({ slot: 2, start_position: 6 })]), /start_position 6 is beyond the 5 positions slot 2 holds/],
-      [batch([item({ slot: 0 }), item({ slot: 1 })]), /sequence 1 appears twice in one micro-batch/],
-      [batch([item({ slot: 1 }), item({ sequence_id: 2, slot: 1 })]), /slot 1 appears twice/],
-      [
-        batch([item({ slot: 0, start_position: 3, copy_prefix: { from_slot: 2, length: 2 } })]),
-        /copy_prefix\.length 2 must equal start_position 3/,
+        { slot: 2, start_position: 5, token_count: 60 },
+        null,
+        /items\[1\] \(sequence 9\): start_position 5 \+ token_count 60 exceeds the slot capacity 64 \(kv_slot_tokens\)/,
+        8,
       ],
       [
-        batch([item({ slot: 0, start_position: 6, copy_prefix: { from_slot: 2, length: 6 } })]),
-        /copy_prefix\.length 6 exceeds the 5 positions slot 2 holds/,
+        { slot: 2, start_position: 6 },
+        null,
+        /items\[1\] \(sequence 9\)\.start_position 6 but slot 2 holds 5 positions/,
+        9,
+      ],
+      [{ slot: 2, start_position: 0 }, null, /start_position 0 but slot 2 holds 5 positions/, 9],
+      [{ slot: 1, start_position: 3 }, null, /start_position 3 but slot 1 holds 0 positions/, 9],
+      [
+        { slot: 1, start_position: 3, copy_prefix: { from_slot: 2, length: 2 } },
+        null,
+        /items\[1\] \(sequence 9\)\.copy_prefix\.length 2 must equal start_position 3/,
+        3,
       ],
       [
-        batch([item({ slot: 0, start_position: 2, copy_prefix: { from_slot: 0, length: 2 } })]),
-        /from_slot and to_slot are both 0/,
+        { slot: 1, start_position: 6, copy_prefix: { from_slot: 2, length: 6 } },
+        null,
+        /items\[1\] \(sequence 9\)\.copy_prefix\.length 6 exceeds the 5 positions slot 2 holds/,
+        9,
       ],
       [
-        batch([item({ token_count: 2 })], { token_ids: [1, 1000] }),
-        /token_ids\[1\] = 1000 is outside the vocabulary \[0, 1000\)/,
+        { slot: 1, start_position: 2, copy_prefix: { from_slot: 1, length: 2 } },
+        null,
+        /copy_prefix: from_slot and to_slot are both 1/,
+        3,
       ],
       [
-        batch([item({ token_count: 2 })], { token_ids: [1] }),
-        /token_ids has 1 ids but the items' token_count add up to 2/,
+        { slot: 1, start_position: 2, copy_prefix: { from_slot: 7, length: 2 } },
+        null,
+        /copy_prefix\.from_slot 7 is out of range \[0, 4\)/,
+        3,
+      ],
+      [
+        { slot: 1, token_count: 2 },
+        [500, 1000],
+        /items\[1\] \(sequence 9\): token_ids\[3\] = 1000 is outside the vocabulary \[0, 1000\)/,
+        3,
       ],
     ];
-    for (const [b, message] of cases) {
+    for (const [bad, badTokens, message, code] of cases) {
+      const b = batch([
+        item({ sequence_id: 8, slot: 0, token_count: 2 }),
+        item({ sequence_id: 9, ...bad }),
+        item({ sequence_id: 10, slot: 3, token_count: 1 }),
+      ]);
+      const badCount = Math.max(0, b.items[1].token_count);
+      const mid = badTokens ?? Array.from({ length: badCount }, () => 77);
+      b.token_ids = [11, 12, ...mid, 13];
+      const plan = planBatch(b, first, ledger);
+      const r = oneRefusal(plan);
+      assert.match(r.message, message);
+      assert.deepEqual([r.sequence_id, r.status_code], [9, code], String(message));
+      assert.deepEqual(
+        plan.kept.map((k) => k.sequence_id),
+        [8, 10],
+      );
+      assert.ok(plan.input && 'tokens' in plan.input);
+      assert.deepEqual(Array.from(plan.input.tokens), [11, 12, 13], 'the refused item takes its tokens with it');
+      assert.deepEqual(plan.copies, []);
+    }
+    assert.deepEqual([ledger.held(1), ledger.held(2), ledger.tokensInUse], [0, 5, 5], 'unchanged');
+  });
+
+  test('a refused item’s prefix copy is not made and does not count for the items after it', () => {
+    const ledger = new KvLedger(4, 64);
+    ledger.write(0, 0, 6);
+    // Both accepted: item 2 copies from slot 1 what item 1's copy put there.
+    const plan = planBatch(
+      batch([
+        item({ sequence_id: 1, slot: 1, start_position: 4, copy_prefix: { from_slot: 0, length: 4 } }),
+        item({ sequence_id: 2, slot: 2, start_position: 3, copy_prefix: { from_slot: 1, length: 3 } }),
+      ]),
+      first,
+      ledger,
+    );
+    assert.equal(plan.refusals.length, 0);
+    // Item 1 refused (its token is outside the vocabulary): its copy is not made, so slot 1 is still empty for item 2.
+    const refused = planBatch(
+      batch(
+        [
+          item({ sequence_id: 1, slot: 1, start_position: 4, copy_prefix: { from_slot: 0, length: 4 } }),
+          item({ sequence_id: 2, slot: 2, start_position: 3, copy_prefix: { from_slot: 1, length: 3 } }),
+        ],
+        { token_ids: [5000, 2] },
+      ),
+      first,
+      ledger,
+    );
+    assert.deepEqual(
+      refused.refusals.map((r) => [r.sequence_id, r.status_code]),
+      [
+        [1, 3],
+        [2, 9],
+      ],
+    );
+    assert.match(refused.refusals[1].message, /copy_prefix\.length 3 exceeds the 0 positions slot 1 holds/);
+    assert.equal(refused.input, null, 'nothing to run');
+    assert.deepEqual(plan.copies, [
+      { from: 0, to: 1, length: 4 },
+      { from: 1, to: 2, length: 3 },
+    ]);
+  });
+
+  test('whole-batch problems throw: duplicates, token or hidden counts, sampling entries that do not line up', () => {
+    const ledger = new KvLedger(4, 64);
+    const mid = { ...first, isFirst: false };
+    const cases: [MicroBatch, StageLimits, RegExp][] = [
+      [
+        batch(Array.from({ length: 5 }, (_, i) => item({ sequence_id: i, slot: i % 4 }))),
+        first,
+        /5 items exceed the 4 KV slots/,
+      ],
+      [
+        batch([item({ slot: 0 }), item({ slot: 1 })]),
+        first,
+        /items\[0\] and items\[1\]: sequence 1 appears twice in one micro-batch/,
+      ],
+      [batch([item({ slot: 1 }), item({ sequence_id: 2, slot: 1 })]), first, /slot 1 appears twice/],
+      [
+        batch([item({ token_count: 2 })], { token_ids: [1] }),
+        first,
+        /token_ids has 1 ids but the items' token_count add up to 2/,
+      ],
+      [batch([item({})], { reply_to: '' }), first, /reply_to is empty/],
+      [batch([item({ token_count: 2 })], { token_ids: [], hidden_states: null }), mid, /hidden_states is missing/],
+      [
+        batch([item({ token_count: 2 })], { token_ids: [], hidden_states: { ...hidden(2), dtype: 'DTYPE_FLOAT16' } }),
+        mid,
+        /hidden_states\.dtype DTYPE_FLOAT16 is not DTYPE_FLOAT32/,
+      ],
+      [
+        batch([item({ token_count: 2 })], { token_ids: [], hidden_states: hidden(2, 3) }),
+        mid,
+        /hidden_states\.shape \[2, 3\] must be \[2, 4\]/,
+      ],
+      [
+        batch([item({ token_count: 2 })], {
+          token_ids: [],
+          hidden_states: { ...hidden(2), shape: [], data: Buffer.alloc(12) },
+        }),
+        mid,
+        /hidden_states\.data has 12 bytes; 2 tokens × hidden_size 4 × 4 = 32/,
+      ],
+      [
+        batch([item({ sample: true })], { sampling: [] }),
+        first,
+        /sampling has 0 entries but more items have sample = true \(items\[0\] is one\)/,
+      ],
+      [
+        batch([item({ sample: true })], { sampling: [side(), side()] }),
+        first,
+        /sampling has 2 entries but only 1 items have sample = true/,
+      ],
+      [
+        batch([item({ sample: true })], { sampling: [side({ sequence_id: 4 })] }),
+        last,
+        /sampling\[0\]\.sequence_id 4 does not match items\[0\]\.sequence_id 1/,
+      ],
+    ];
+    for (const [b, stage, message] of cases) {
+      if (!stage.isFirst && b.hidden_states === undefined) b.hidden_states = hidden(1);
       assert.throws(
-        () => planBatch(b, first, ledger),
+        () => planBatch(b, stage, ledger),
         (err: Error) => err instanceof ShardRequestError && message.test(err.message),
         String(message),
       );
     }
   });
 
-  test('later stages take float32 hidden states [tokens, hidden]', () => {
-    const ledger = new KvLedger(2, 64);
+  test('later stages take float32 hidden states [tokens, hidden] and drop the rows of refused items', () => {
+    const ledger = new KvLedger(4, 64);
     const mid = { ...first, isFirst: false };
     const ok = planBatch(batch([item({ token_count: 2 })], { token_ids: [], hidden_states: hidden(2) }), mid, ledger);
-    assert.ok('hidden' in ok.input && ok.input.hidden.length === 8);
-    const bad: [Partial<MicroBatch>, RegExp][] = [
-      [{ hidden_states: null }, /hidden_states is missing/],
-      [
-        { hidden_states: { ...hidden(2), dtype: 'DTYPE_FLOAT16' } },
-        /hidden_states\.dtype DTYPE_FLOAT16 is not DTYPE_FLOAT32/,
-      ],
-      [{ hidden_states: hidden(2, 3) }, /hidden_states\.shape \[2, 3\] must be \[2, 4\]/],
-      [
-        { hidden_states: { ...hidden(2), shape: [], data: Buffer.alloc(12) } },
-        /hidden_states\.data has 12 bytes; 2 tokens × hidden_size 4 × 4 = 32/,
-      ],
-    ];
-    for (const [over, message] of bad)
-      assert.throws(
-        () => planBatch(batch([item({ token_count: 2 })], { token_ids: [], ...over }), mid, ledger),
-        message,
-      );
+    assert.ok(ok.input && 'hidden' in ok.input && ok.input.hidden.length === 8);
+    // Items of 2, 3 and 1 tokens; the middle one is refused (KV not present): rows 2..4 go with it.
+    const plan = planBatch(
+      batch(
+        [
+          item({ sequence_id: 1, slot: 0, token_count: 2 }),
+          item({ sequence_id: 2, slot: 1, start_position: 7, token_count: 3 }),
+          item({ sequence_id: 3, slot: 2, token_count: 1 }),
+        ],
+        { token_ids: [], hidden_states: hidden(6) },
+      ),
+      mid,
+      ledger,
+    );
+    assert.equal(oneRefusal(plan).sequence_id, 2);
+    assert.ok(plan.input && 'hidden' in plan.input);
+    assert.deepEqual(Array.from(plan.input.hidden), [0, 0, 0, 0, 1, 1, 1, 1, 5, 5, 5, 5]);
+    assert.equal(plan.input.hidden.byteOffset, 0, 'an aligned array of its own');
+    // Everything refused upstream: an empty batch with no rows runs nothing.
+    const empty = planBatch(batch([], { token_ids: [], hidden_states: hidden(0) }), mid, ledger);
+    assert.deepEqual([empty.kept.length, empty.input, empty.refusals.length], [0, null, 0]);
   });
 
-  test('last stage: one sampling row per item, neutral for items that do not sample; greedy and penalty off map to 1', () => {
+  test('last stage: sampled items with their rows; greedy and penalty off map to 1; non-sampling items neutral', () => {
     const ledger = new KvLedger(4, 64);
     const b = batch(
       [
@@ -228,18 +398,23 @@ describe('planBatch', () => {
             temperature: 0.7,
             repetition_penalty: 1.2,
             penalised_ids: [4, 9],
+            penalty_reset: true,
           }),
           side({ sequence_id: 3, full_row: true, top_k: 0, penalised_ids: [5000] }),
         ],
       },
     );
     const plan = planBatch(b, last, ledger);
-    assert.deepEqual(plan.sampled, [
-      { index: 1, sequenceId: 2, topK: 5, fullRow: false },
-      { index: 2, sequenceId: 3, topK: 1, fullRow: true },
-    ]);
-    assert.equal(plan.sampling?.[0].topK, 1);
-    assert.deepEqual(plan.sampling?.[1], {
+    assert.deepEqual(
+      plan.sampled.map((s) => [s.index, s.sequenceId, s.slot, s.topK, s.fullRow]),
+      [
+        [1, 2, 1, 5, false],
+        [2, 3, 2, 1, true],
+      ],
+    );
+    const { rows } = samplingRows(plan, new PenaltySets());
+    assert.equal(rows[0].topK, 1);
+    assert.deepEqual(rows[1], {
       maskBegin: 800,
       maskEnd: 1000,
       repetitionPenalty: 1.2,
@@ -249,54 +424,111 @@ describe('planBatch', () => {
       fullRow: false,
     });
     // penalty 0 = off: its ids are not used (nor checked); temperature 0 = greedy = unscaled.
-    assert.deepEqual(
-      [plan.sampling?.[2].repetitionPenalty, plan.sampling?.[2].penalisedIds, plan.sampling?.[2].temperature],
-      [1, [], 1],
-    );
+    assert.deepEqual([rows[2].repetitionPenalty, rows[2].penalisedIds, rows[2].temperature], [1, [], 1]);
   });
 
-  test('last stage refusals: sampling entries that do not line up, bad values, no reply_to', () => {
+  test('a bad sampling entry refuses its item on every stage (before any stage wrote its KV)', () => {
     const ledger = new KvLedger(4, 64);
-    const one = (s: SamplingSide[], over: Partial<MicroBatch> = {}) =>
-      batch([item({ sample: true })], { token_ids: [], hidden_states: hidden(1), sampling: s, ...over });
-    const cases: [MicroBatch, RegExp][] = [
-      [one([]), /sampling has 0 entries but more items have sample = true \(items\[0\] is one\)/],
-      [one([side(), side()]), /sampling has 2 entries but only 1 items have sample = true/],
-      [one([side({ sequence_id: 4 })]), /sampling\[0\]\.sequence_id 4 does not match items\[0\]\.sequence_id 1/],
-      [one([side({ top_k: 51 })]), /top_k 51 must be in \[1, 50\] \(max_top_k\)/],
-      [one([side({ temperature: Number.NaN })]), /temperature NaN must be finite and ≥ 0/],
-      [one([side({ repetition_penalty: -1 })]), /repetition_penalty -1 must be finite and ≥ 0/],
+    const cases: [SamplingSide, RegExp][] = [
+      [side({ top_k: 51 }), /sampling\[0\] \(sequence 1\)\.top_k 51 must be in \[1, 50\] \(max_top_k\)/],
+      [side({ top_k: 0 }), /top_k 0 must be in \[1, 50\]/],
+      [side({ temperature: Number.NaN }), /temperature NaN must be finite and ≥ 0/],
+      [side({ repetition_penalty: -1 }), /repetition_penalty -1 must be finite and ≥ 0/],
       [
-        one([side({ repetition_penalty: 1.1, penalised_ids: [3, 1000] })]),
-        /penalised_ids\[1\] = 1000 is outside the vocabulary/,
+        side({ repetition_penalty: 1.1, penalised_ids: [3, 1000] }),
+        /sampling\[0\] \(sequence 1\)\.penalised_ids\[1\] = 1000 is outside the vocabulary/,
       ],
-      [one([side({ mask: 'MASK_KIND_IMAGE_LAYOUT' })]), /MASK_KIND_IMAGE_LAYOUT is not supported yet/],
-      [one([side()], { reply_to: '' }), /reply_to is empty/],
+      [side({ mask: 'MASK_KIND_IMAGE_LAYOUT' }), /MASK_KIND_IMAGE_LAYOUT is not supported yet/],
     ];
-    for (const [b, message] of cases) assert.throws(() => planBatch(b, last, ledger), message);
+    for (const stage of [first, last])
+      for (const [s, message] of cases) {
+        const b = batch([item({ sample: true }), item({ sequence_id: 2, slot: 1 })], {
+          sampling: [s],
+          ...(stage.isFirst ? {} : { token_ids: [], hidden_states: hidden(2) }),
+        });
+        const plan = planBatch(b, stage, ledger);
+        const r = oneRefusal(plan);
+        assert.match(r.message, message);
+        assert.ok(r.message.startsWith(`${stage.where}: `), r.message);
+        assert.deepEqual([r.sequence_id, r.status_code], [1, 3]);
+        assert.deepEqual(
+          [plan.kept.map((k) => k.sequence_id), plan.keptSampling, plan.sampled],
+          [[2], [], []],
+          'the entry leaves with its item',
+        );
+      }
   });
 });
 
-test('checkKvCommand: copies in order then frees, checked on a copy of the ledger', () => {
+describe('samplingRows + PenaltySets', () => {
+  const plan1 = (over: Partial<SamplingSide>, slot = 0) =>
+    planBatch(
+      batch([item({ slot, sample: true })], {
+        token_ids: [],
+        hidden_states: hidden(1),
+        sampling: [side({ repetition_penalty: 1.3, ...over })],
+      }),
+      last,
+      new KvLedger(4, 64),
+    );
+
+  test('deltas add to the slot’s set; penalty_reset clears it first; nothing is kept before commit', () => {
+    const sets = new PenaltySets();
+    const step = (over: Partial<SamplingSide>, slot = 0) => {
+      const { rows, commit } = samplingRows(plan1(over, slot), sets);
+      commit();
+      return Array.from(rows[0].penalisedIds).sort((a, b) => a - b);
+    };
+    assert.deepEqual(step({ penalised_ids: [5, 3, 5], penalty_reset: true }), [3, 5]);
+    assert.deepEqual(step({ penalised_ids: [7] }), [3, 5, 7]);
+    assert.deepEqual(step({ penalised_ids: [3] }), [3, 5, 7], 'each id counted once');
+    assert.deepEqual(step({ penalised_ids: [9], penalty_reset: true }), [9]);
+    assert.deepEqual(step({ penalised_ids: [1] }, 1), [1], 'another slot has its own set');
+    // Not committed (the batch failed): the set stays as it was.
+    samplingRows(plan1({ penalised_ids: [42] }), sets);
+    assert.deepEqual(sets.held(0), [9]);
+    sets.drop(0);
+    assert.deepEqual(step({ penalised_ids: [2] }), [2], 'a freed slot starts empty');
+  });
+
+  test('penalty off: no ids in the row and none kept; a reset still clears the set', () => {
+    const sets = new PenaltySets();
+    samplingRows(plan1({ penalised_ids: [4], penalty_reset: true }), sets).commit();
+    const off = samplingRows(plan1({ repetition_penalty: 1, penalised_ids: [8] }), sets);
+    off.commit();
+    assert.deepEqual([off.rows[0].penalisedIds, off.rows[0].repetitionPenalty, sets.held(0)], [[], 1, [4]]);
+    samplingRows(plan1({ repetition_penalty: 0, penalty_reset: true }), sets).commit();
+    assert.deepEqual([sets.held(0), sets.size], [[], 0]);
+  });
+});
+
+test('planKvCommand: valid entries apply in order (copies, then frees); invalid ones are listed, not applied', () => {
   const ledger = new KvLedger(4, 64);
   ledger.write(0, 0, 9);
-  checkKvCommand(
+  const { ops, errors } = planKvCommand(
     {
       copies: [
         { from_slot: 0, to_slot: 1, length: 9 },
+        { from_slot: 2, to_slot: 3, length: 1 },
         { from_slot: 1, to_slot: 2, length: 4 },
       ],
-      free_slots: [0, 3],
+      free_slots: [0, 9, 3],
     },
     ledger,
   );
+  assert.deepEqual(ops, [
+    { copy: { from: 0, to: 1, length: 9 } },
+    { copy: { from: 1, to: 2, length: 4 } },
+    { free: 0 },
+    { free: 3 },
+  ]);
+  assert.equal(errors.length, 2);
+  assert.match(errors[0].message, /kv\.copies\[1\]\.length 1 exceeds the 0 positions slot 2 holds/);
+  assert.match(errors[1].message, /kv\.free_slots\[1\] 9 is out of range \[0, 4\)/);
+  assert.deepEqual(
+    errors.map((e) => e.code),
+    [9, 3],
+    'KV not present: FAILED_PRECONDITION; a bad slot: INVALID_ARGUMENT',
+  );
   assert.deepEqual([ledger.held(0), ledger.held(1), ledger.held(2)], [9, 0, 0], 'unchanged');
-  assert.throws(
-    () => checkKvCommand({ copies: [{ from_slot: 1, to_slot: 2, length: 1 }], free_slots: [] }, ledger),
-    /kv\.copies\[0\]\.length 1 exceeds the 0 positions slot 1 holds/,
-  );
-  assert.throws(
-    () => checkKvCommand({ copies: [], free_slots: [1, 9] }, ledger),
-    /kv\.free_slots\[1\] 9 is out of range \[0, 4\)/,
-  );
 });
