@@ -16,7 +16,7 @@ const LEASE_MS = 1500;
 let h: Harness;
 before(async () => {
   h = await startHarness(
-    ['--stage-timeout-ms', '3000', '--prefix-cache-entries', '0'],
+    ['--stage-timeout-ms', '3000', '--prefix-cache-entries', '0', '--max-queue', '1000'],
     ['--coordinator-lease', String(LEASE_MS)],
   );
 });
@@ -125,7 +125,17 @@ test(
     const restarted = startChild(
       'shard-1-back',
       victim.address,
-      ['shard', '--model', h.modelDir, '--layers', `${a}-${b}`, '--listen', victim.address],
+      [
+        'shard',
+        '--model',
+        h.modelDir,
+        '--layers',
+        `${a}-${b}`,
+        '--listen',
+        victim.address,
+        '--coordinator-lease',
+        String(LEASE_MS),
+      ],
       join(h.work, 'logs'),
     );
     h.system.children.push(restarted);
