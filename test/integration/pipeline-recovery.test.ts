@@ -55,6 +55,7 @@ test('10,000 cancelled or expired requests leave no KV held on any stage', { tim
     emu3Client(h.system.address, { 'grpc.use_local_subchannel_pool': 1 }),
   );
   let ended = 0;
+  let streamed = 0;
   try {
     for (let wave = 0; wave < 20; wave++) {
       const calls = Array.from({ length: 500 }, (_, i) => {
@@ -63,6 +64,11 @@ test('10,000 cancelled or expired requests leave no KV held on any stage', { tim
         const expire = n % 2 === 0;
         const g = generate(client, text(`request ${n}`, 200), expire ? { deadlineMs: 20 + (n % 60) } : {});
         if (!expire) setTimeout(() => g.call.cancel(), n % 40);
+        let counted = false;
+        g.call.on('data', () => {
+          if (!counted) streamed++;
+          counted = true;
+        });
         return g.done.then(
           () => assert.fail(`request ${n} finished: it should have been cut off`),
           (err: grpc.ServiceError) => {
@@ -80,6 +86,7 @@ test('10,000 cancelled or expired requests leave no KV held on any stage', { tim
     for (const c of clients) c.close();
   }
   assert.equal(ended, 10_000);
+  assert.ok(streamed >= 500, `only ${streamed} requests got as far as decoding before they were cut off`);
   await until('every stage back to 0 KV', 10_000, async () =>
     (await shardInfos(h.system)).every((i) => i.kv_tokens_in_use === 0 && i.kv_slots_in_use === 0),
   );
