@@ -46,7 +46,8 @@ async function waitHttpHealthy(url: string, child: Child, timeoutMs: number): Pr
 
 before(
   async () => {
-    h = await startHarness();
+    // A short drain, for the last test (the coordinator stopped while answering).
+    h = await startHarness(['--drain-timeout-ms', '300']);
     const address = `127.0.0.1:${await freePort()}`;
     gateway = startChild(
       'gateway',
@@ -457,4 +458,41 @@ test('with the coordinator unreachable: /health is 503 and a chat request is 503
   } finally {
     await gw.close();
   }
+});
+
+// Last: it stops the coordinator.
+test('a coordinator drained mid-answer: the stream ends with an error event, a whole answer is 503', T, async () => {
+  const baseline = await kvInUse();
+  const wholeRefused = assert.rejects(
+    openai.chat.completions.create({
+      ...longRequest,
+      model: info.modelName,
+    } as OpenAI.ChatCompletionCreateParamsNonStreaming),
+    isApiError(503, (e) => assert.equal(e.code, 'server_shutting_down')),
+  );
+  // the whole request is admitted (holds KV) before the drain starts
+  await waitKv((kv) => kv > baseline, 'the whole request admitted');
+  const stream = await openai.chat.completions.create({
+    ...longRequest,
+    model: info.modelName,
+    stream: true,
+  } as OpenAI.ChatCompletionCreateParamsStreaming);
+  let text = '';
+  let chunks = 0;
+  await assert.rejects(
+    (async () => {
+      for await (const c of stream) {
+        text += c.choices[0]?.delta.content ?? '';
+        if (++chunks === 3) h.system.children.find((c) => c.name === 'coordinator')?.process.kill('SIGTERM');
+      }
+    })(),
+    (e: unknown) => {
+      assert.ok(e instanceof OpenAI.APIError, `got ${e}`);
+      assert.equal(e.code, 'server_shutting_down');
+      assert.equal(e.type, 'server_error');
+      return true;
+    },
+  );
+  assert.ok(chunks >= 3 && text.length > 0, `${chunks} chunks, "${text}" before the error`);
+  await wholeRefused;
 });
