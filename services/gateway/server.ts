@@ -142,6 +142,8 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
         settle(new ClientGone());
       };
       res.on('close', onClose);
+      // The client may have gone while the body was read or the model checked, before this listener existed.
+      if (res.destroyed || res.socket?.destroyed) onClose();
       call.on('data', (m: GenerateResponseMessage) => {
         if (settled) return;
         let more: boolean;
