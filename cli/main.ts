@@ -52,6 +52,11 @@ const commands: Entry[] = [
     load: async () => (await import('./up.js')).command,
   },
   {
+    name: 'gateway',
+    summary: 'OpenAI-compatible HTTP API in front of the coordinator',
+    load: async () => (await import('./gateway.js')).command,
+  },
+  {
     name: 'chat',
     summary: 'stream an answer about images and text from the coordinator',
     load: async () => (await import('./chat.js')).command,

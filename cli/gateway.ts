@@ -1,0 +1,50 @@
+// `emu3 gateway`: the OpenAI-compatible HTTP API (chat completions with images, models, image generation once the
+// Generate API has it) in front of the coordinator. docs/openai.md has the mapping.
+import { createLogger } from '../lib/rpc/log.js';
+import { DEFAULT_MAX_BODY_BYTES, startGateway } from '../services/gateway/server.js';
+import type { CommandSpec } from './args.js';
+import type { Command } from './main.js';
+
+const spec: CommandSpec = {
+  name: 'gateway',
+  summary: 'OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /v1/images/generations) over the coordinator',
+  usage: 'emu3 gateway [--listen HOST:PORT] [--coordinator ADDR] [--model DIR] [flags]',
+  flags: {
+    listen: {
+      help: 'HTTP address, host:port (port 0 picks a free one); clients use http://HOST:PORT/v1',
+      default: '127.0.0.1:8080',
+    },
+    coordinator: { help: "the coordinator's public gRPC address", default: '127.0.0.1:50051' },
+    model: {
+      help: 'model directory (its tokenizer files): needed only for the token texts of logprobs; without it a request with logprobs is refused',
+    },
+    'max-body-bytes': {
+      help: 'largest request body (base64 images included); larger ones are answered 413',
+      default: String(DEFAULT_MAX_BODY_BYTES),
+    },
+    'drain-timeout-ms': {
+      help: 'on SIGTERM/SIGINT: new connections are refused, running answers may finish this long, then are cut',
+      default: '10000',
+    },
+  },
+};
+
+export const command: Command = {
+  spec,
+  async run(flags) {
+    const gateway = await startGateway({
+      listen: flags.required('listen'),
+      coordinator: flags.required('coordinator'),
+      modelDir: flags.string('model'),
+      maxBodyBytes: flags.int('max-body-bytes', 1024, 2 ** 31 - 1)!,
+      drainTimeoutMs: flags.int('drain-timeout-ms', 0)!,
+      log: createLogger('gateway'),
+    });
+    console.log(`emu3 gateway: OpenAI base URL ${gateway.baseUrl} (coordinator ${flags.required('coordinator')})`);
+    const stop = () => void gateway.close();
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+    await gateway.closed;
+    return 0;
+  },
+};
