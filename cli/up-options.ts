@@ -26,6 +26,10 @@ export const upSpec: CommandSpec = {
       default: '2',
     },
     listen: { help: 'public address of the coordinator (port 0 picks a free one)', default: '127.0.0.1:50051' },
+    'http-listen': {
+      help: 'address of the OpenAI-compatible HTTP API (emu3 gateway, in this process; port 0 picks a free one; "off" for none)',
+      default: '127.0.0.1:8000',
+    },
     precision: { help: `shard weight precision: ${PRECISIONS.join(' or ')}`, default: 'fp32' },
     'log-dir': { help: 'write each process log to DIR/<name>.log (default: logs are kept in memory only)' },
     'ready-timeout-ms': { help: 'how long each process may take to become healthy', default: '300000' },
@@ -67,6 +71,8 @@ export interface UpOptions {
   vqDir?: string;
   shards: number;
   listen: string;
+  /** The OpenAI-compatible gateway's address; undefined: none. */
+  httpListen?: string;
   precision: string;
   logDir?: string;
   readyTimeoutMs: number;
@@ -95,6 +101,13 @@ export function upOptions(flags: Flags): UpOptions {
   } catch (err) {
     throw new UsageError(`up: --listen: ${(err as Error).message}`);
   }
+  const http = flags.required('http-listen');
+  if (http !== 'off')
+    try {
+      parseAddress(http);
+    } catch (err) {
+      throw new UsageError(`up: --http-listen: ${(err as Error).message}`);
+    }
   const modelDir = flags.required('model');
   const hasConfig = existsSync(join(modelDir, 'config.json'));
   const isDefault = resolve(modelDir) === resolve(DEFAULT_MODEL);
@@ -119,6 +132,7 @@ export function upOptions(flags: Flags): UpOptions {
     vqDir,
     shards: flags.int('shards', 1, 1024)!,
     listen,
+    httpListen: http === 'off' ? undefined : http,
     precision,
     logDir: flags.string('log-dir'),
     readyTimeoutMs: flags.int('ready-timeout-ms', 1000, DAY_MS)!,

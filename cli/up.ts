@@ -11,9 +11,11 @@
 // SIGINT/SIGTERM sends SIGTERM to the coordinator (it stops admission and lets running answers finish within
 // --drain-timeout-ms), then, once it has exited, to the shards and vq. A second Ctrl-C kills everything at once.
 import { spawn } from 'node:child_process';
-import { dirname, join, relative } from 'node:path';
+import { basename, dirname, join, relative } from 'node:path';
 import { loadEmu3Config } from '../lib/model/config.js';
+import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable, parseAddress } from '../lib/rpc/serve.js';
+import { type RunningGateway, startGateway } from '../services/gateway/server.js';
 import { UsageError } from './args.js';
 import type { Command } from './main.js';
 import { binPath, type Child, ChildFailed, freePort, type RunningSystem, startSystem } from './system.js';
@@ -53,6 +55,7 @@ export const command: Command = {
     let listen = opts.listen;
     try {
       await checkListenable(listen);
+      if (opts.httpListen) await checkListenable(opts.httpListen);
     } catch (err) {
       console.error(`emu3 up: ${(err as Error).message}`);
       return 1;
@@ -71,6 +74,7 @@ export const command: Command = {
       finish = res;
     });
     let system: RunningSystem | undefined;
+    let gateway: RunningGateway | undefined;
     let stopping = false;
     const stop = async (why: string, code: number): Promise<void> => {
       if (stopping || !system) return;
@@ -78,7 +82,7 @@ export const command: Command = {
       console.log(
         `emu3 up: ${why}: draining (running answers may take up to ${opts.drainTimeoutMs} ms; Ctrl-C again kills everything) ...`,
       );
-      await system.stop(opts.drainTimeoutMs + DRAIN_MARGIN_MS);
+      await Promise.all([gateway?.close(), system.stop(opts.drainTimeoutMs + DRAIN_MARGIN_MS)]);
       finish(code);
     };
     const onGiveUp = (child: Child) => {
@@ -122,6 +126,14 @@ export const command: Command = {
       throw err;
     }
     const running = system;
+    if (opts.httpListen)
+      gateway = await startGateway({
+        listen: opts.httpListen,
+        coordinator: running.address,
+        modelDir: opts.modelDir,
+        drainTimeoutMs: opts.drainTimeoutMs,
+        log: createLogger('gateway', { level: 'warn' }),
+      });
     let lastSignal = 0;
     const onSignal = (sig: NodeJS.Signals) => {
       const now = Date.now();
@@ -143,11 +155,17 @@ export const command: Command = {
         '',
         `emu3 is serving ${opts.modelDir} on ${addr} (emu3.v1.Emu3, grpc.health.v1, server reflection)`,
         `  vq ${running.vqAddress}; shards ${running.shardAddresses.join(' → ')}`,
+        ...(gateway ? [`  OpenAI-compatible HTTP API: ${gateway.baseUrl} (docs/openai.md)`] : []),
         '',
         'try:',
         `  npx emu3 chat --addr ${addr} --image ${sampleImage()} "Describe the image."`,
         `  npx buf curl --protocol grpc --http2-prior-knowledge -d '{"parts":[{"text":"Hello!"}],"sampling":{"maxNewTokens":16}}' http://${addr}/emu3.v1.Emu3/Generate`,
         `  npx buf curl --protocol grpc --http2-prior-knowledge http://${addr}/emu3.v1.Emu3/GetModelInfo`,
+        ...(gateway
+          ? [
+              `  curl ${gateway.baseUrl}/chat/completions -H 'content-type: application/json' -d '{"model":"${basename(opts.modelDir)}","messages":[{"role":"user","content":"Hello!"}],"max_tokens":16}'`,
+            ]
+          : []),
         '',
         'Ctrl-C drains and stops everything; a second Ctrl-C kills at once.',
       ].join('\n'),
