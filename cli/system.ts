@@ -92,14 +92,31 @@ export function binPath(): string {
   }
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * A port free to listen on now, for a child to bind in a moment. Taken below Linux's ephemeral range (32768–60999),
+ * from which the kernel hands out the local ports of outgoing connections: a port picked there (as port 0 does) can be
+ * taken by any connection in the gap between this check and the child's bind.
+ */
+export async function freePort(): Promise<number> {
+  for (let attempt = 0; ; attempt++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    // Never the same port twice from one process: the children given earlier ones may not have bound them yet.
+    if (handedOut.has(port)) continue;
+    if (await canListen(port)) {
+      handedOut.add(port);
+      return port;
+    }
+    if (attempt > 200) throw new Error('freePort: no free port found in [20000, 32000)');
+  }
+}
+
+const handedOut = new Set<number>();
+
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const srv = createServer();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
+    srv.once('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
   });
 }
 

@@ -61,9 +61,19 @@ test('10,000 cancelled or expired requests leave no KV held on any stage', { tim
       const calls = Array.from({ length: 500 }, (_, i) => {
         const n = wave * 500 + i;
         const client = clients[n % clients.length];
-        const expire = n % 2 === 0;
-        const g = generate(client, text(`request ${n}`, 200), expire ? { deadlineMs: 20 + (n % 60) } : {});
-        if (!expire) setTimeout(() => g.call.cancel(), n % 40);
+        // A quarter each: cancelled after the first streamed token, after the third, expired mid-answer (a deadline
+        // of 0.1–0.6 s), and cancelled at once (queued or prefilling). The answers could run to 2,000 tokens.
+        const kind = n % 4;
+        const g = generate(
+          client,
+          text(`request ${n}`, 2000),
+          kind === 0 || kind === 1
+            ? { cancelAfterDeltas: kind === 0 ? 1 : 3 }
+            : kind === 2
+              ? { deadlineMs: 100 + ((n * 37) % 500) }
+              : {},
+        );
+        if (kind === 3) setTimeout(() => g.call.cancel(), n % 10);
         let counted = false;
         g.call.on('data', () => {
           if (!counted) streamed++;
@@ -86,7 +96,7 @@ test('10,000 cancelled or expired requests leave no KV held on any stage', { tim
     for (const c of clients) c.close();
   }
   assert.equal(ended, 10_000);
-  assert.ok(streamed >= 500, `only ${streamed} requests got as far as decoding before they were cut off`);
+  assert.ok(streamed >= 5000, `only ${streamed} requests got as far as decoding before they were cut off`);
   await until('every stage back to 0 KV', 10_000, async () =>
     (await shardInfos(h.system)).every((i) => i.kv_tokens_in_use === 0 && i.kv_slots_in_use === 0),
   );

@@ -39,7 +39,9 @@ export const repoRoot = dirname(dirname(binPath()));
 
 /** `group`: `up` leads a process group of its own, so a test can signal the group as a terminal's Ctrl-C does. */
 export function spawnUp(args: string[], opts: { group?: boolean } = {}): UpProcess {
-  const proc = spawn(process.execPath, [binPath(), 'up', ...args], {
+  // A free port for the HTTP API unless the test chooses one: several `up`s may run one after another.
+  const http = args.some((a) => a.startsWith('--http-listen')) ? [] : ['--http-listen', '127.0.0.1:0'];
+  const proc = spawn(process.execPath, [binPath(), 'up', ...http, ...args], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: opts.group ?? false,

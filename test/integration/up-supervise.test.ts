@@ -68,6 +68,24 @@ test(
   },
 );
 
+test('up serves the OpenAI-compatible API and prints its /v1 base URL', { timeout: 30_000 }, async () => {
+  const line = await up.waitFor(/OpenAI-compatible HTTP API: (http:\/\/\S+\/v1)/, 10_000);
+  const base = /(http:\/\/\S+\/v1)/.exec(line)![1];
+  const models = (await (await fetch(`${base}/models`)).json()) as { data: { id: string }[] };
+  assert.deepEqual(
+    models.data.map((m) => m.id),
+    ['emu3-tiny'],
+  );
+  const res = await fetch(`${base}/chat/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'emu3-tiny', messages: [{ role: 'user', content: 'Hello!' }], max_tokens: 4 }),
+  });
+  assert.equal(res.status, 200);
+  const body = (await res.json()) as { usage: { completion_tokens: number } };
+  assert.ok(body.usage.completion_tokens >= 1 && body.usage.completion_tokens <= 4);
+});
+
 function chat(args: string[]) {
   return run(process.execPath, [binPath(), 'chat', '--addr', up.address, ...args], { cwd: repoRoot, timeout: 60_000 });
 }
