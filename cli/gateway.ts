@@ -16,7 +16,7 @@ const spec: CommandSpec = {
     },
     coordinator: { help: "the coordinator's public gRPC address", default: '127.0.0.1:50051' },
     model: {
-      help: 'model directory (its tokenizer files): needed only for the token texts of logprobs; without it a request with logprobs is refused',
+      help: 'model directory (its tokenizer files): needed only for the token texts of logprobs; without it a request with logprobs is refused (default: none)',
     },
     'max-body-bytes': {
       help: 'largest request body (base64 images included); larger ones are answered 413',
