@@ -1,7 +1,8 @@
 // `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
 
 import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
-import { createLogger } from '../lib/rpc/log.js';
+import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
+import { shardTelemetry } from '../lib/telemetry/shard.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/capacity.js';
 import { startShardServer } from '../services/shard/server.js';
 import { type CommandSpec, UsageError } from './args.js';
@@ -12,6 +13,7 @@ const spec: CommandSpec = {
   summary: 'serve decoder layers [A, B) of a model as one pipeline stage (emu3.internal.v1.Shard)',
   usage: 'emu3 shard --model DIR --layers A-B --listen HOST:PORT [--next HOST:PORT] [flags]',
   flags: {
+    ...TELEMETRY_FLAGS,
     model: { help: 'model directory (config.json, safetensors, tokenizer files), required' },
     layers: { help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16), required' },
     listen: {
@@ -55,7 +57,12 @@ export function parseLayers(s: string): [number, number] {
 export const command: Command = {
   spec,
   async run(flags) {
-    const log = createLogger('shard');
+    const telemetry = await startServiceTelemetry('shard', {
+      metricsListen: flags.string('metrics-listen'),
+      logFormat: flags.string('log-format'),
+      registry: () => shardTelemetry().registry,
+    });
+    const log = telemetry.log;
     const layers = parseLayers(flags.required('layers'));
     const running = await startShardServer({
       modelDir: flags.required('model'),
@@ -73,6 +80,7 @@ export const command: Command = {
       drainTimeoutMs: flags.int('drain-timeout-ms', 0),
     });
     await running.server.closed;
+    await telemetry.shutdown();
     return 0;
   },
 };

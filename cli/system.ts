@@ -31,6 +31,10 @@ export interface SystemOptions {
   readyTimeoutMs?: number;
   /** Called with progress lines. */
   progress?: (line: string) => void;
+  /** Give every process a Prometheus endpoint (--metrics-listen on a free loopback port). */
+  metrics?: boolean;
+  /** Extra environment for every process (e.g. OTEL_* for tracing). */
+  env?: Record<string, string>;
 }
 
 export interface Child {
@@ -40,6 +44,8 @@ export interface Child {
   /** The last lines of its stderr/stdout. */
   tail: string[];
   exited: Promise<number | null>;
+  /** http://HOST:PORT/metrics when started with metrics. */
+  metricsUrl?: string;
 }
 
 export interface RunningSystem {
@@ -128,8 +134,17 @@ export function splitLayers(layers: number, stages: number, costs?: StageCosts):
   return out;
 }
 
-export function startChild(name: string, address: string, args: string[], logDir?: string): Child {
-  const proc = spawn(process.execPath, [binPath(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+export function startChild(
+  name: string,
+  address: string,
+  args: string[],
+  logDir?: string,
+  env?: Record<string, string>,
+): Child {
+  const proc = spawn(process.execPath, [binPath(), ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: env ? { ...process.env, ...env } : process.env,
+  });
   const tail: string[] = [];
   let log: WriteStream | undefined;
   if (logDir) {
@@ -223,14 +238,22 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
   const address = opts.listen ?? `${host}:${await freePort()}`;
   const children: Child[] = [];
   const timeout = opts.readyTimeoutMs ?? 180_000;
+  // With metrics, each child gets --metrics-listen on a free port; its URL is kept on the Child.
+  const start = async (name: string, addr: string, args: string[]): Promise<Child> => {
+    const metricsAddress = opts.metrics ? `${host}:${await freePort()}` : undefined;
+    const child = startChild(
+      name,
+      addr,
+      metricsAddress ? [...args, '--metrics-listen', metricsAddress] : args,
+      opts.logDir,
+      opts.env,
+    );
+    if (metricsAddress) child.metricsUrl = `http://${metricsAddress}/metrics`;
+    return child;
+  };
   try {
     children.push(
-      startChild(
-        'vq',
-        vqAddress,
-        ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress],
-        opts.logDir,
-      ),
+      await start('vq', vqAddress, ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress]),
     );
     // Last stage first, so each stage's next hop is already starting when it dials it.
     const shardChildren: Child[] = [];
@@ -240,30 +263,25 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
       if (i + 1 < stages.length) args.push('--next', shardAddresses[i + 1]);
       if (opts.precision) args.push('--precision', opts.precision);
       args.push(...shardArgs);
-      shardChildren.unshift(startChild(`shard-${i}`, shardAddresses[i], args, opts.logDir));
+      shardChildren.unshift(await start(`shard-${i}`, shardAddresses[i], args));
     }
     children.push(...shardChildren);
     progress(
       `starting vq on ${vqAddress} and ${stages.length} shard(s): ${stages.map(([a, b], i) => `layers ${a}-${b} on ${shardAddresses[i]}`).join(', ')}`,
     );
     await Promise.all(children.map((c) => waitHealthy(c, timeout)));
-    const coordinator = startChild(
+    const coordinator = await start('coordinator', address, [
       'coordinator',
+      '--model',
+      opts.modelDir,
+      '--shards',
+      shardAddresses.join(','),
+      '--vq',
+      vqAddress,
+      '--listen',
       address,
-      [
-        'coordinator',
-        '--model',
-        opts.modelDir,
-        '--shards',
-        shardAddresses.join(','),
-        '--vq',
-        vqAddress,
-        '--listen',
-        address,
-        ...coordinatorArgs,
-      ],
-      opts.logDir,
-    );
+      ...coordinatorArgs,
+    ]);
     children.push(coordinator);
     progress(`starting the coordinator on ${address}`);
     await waitHealthy(coordinator, timeout);

@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path';
 import { loadEmu3Config } from '../lib/model/config.js';
 import type { CommandSpec } from './args.js';
 import type { Command } from './main.js';
-import { binPath, ChildFailed, startSystem } from './system.js';
+import { binPath, type Child, ChildFailed, startSystem } from './system.js';
 
 const DEFAULT_MODEL = join('models', 'emu3-tiny');
 
@@ -28,6 +28,7 @@ const spec: CommandSpec = {
     precision: { help: 'shard weight precision: fp32 or int4', default: 'fp32' },
     'log-dir': { help: 'write each process log to DIR/<name>.log (default: logs are kept in memory only)' },
     'ready-timeout-ms': { help: 'how long the processes may take to become healthy', default: '300000' },
+    'no-metrics': { boolean: true, help: 'start no Prometheus endpoints (default: one per process on a free port)' },
   },
 };
 
@@ -44,6 +45,13 @@ function makeTiny(dir: string): Promise<void> {
       code === 0 ? res() : reject(new Error(`emu3 make-tiny --out ${dir} failed (exit ${code})`)),
     );
   });
+}
+
+/** The /metrics URLs, the coordinator's first. */
+function metricsLines(children: Child[]): string[] {
+  const ordered = [...children].sort((a, b) => Number(b.name === 'coordinator') - Number(a.name === 'coordinator'));
+  const urls = ordered.filter((c) => c.metricsUrl);
+  return urls.length === 0 ? [] : ['  metrics:', ...urls.map((c) => `    ${c.name.padEnd(12)} ${c.metricsUrl}`)];
 }
 
 export const command: Command = {
@@ -68,6 +76,7 @@ export const command: Command = {
           logDir: flags.string('log-dir'),
           readyTimeoutMs: flags.int('ready-timeout-ms', 1000)!,
           progress: (line) => console.log(`emu3 up: ${line}`),
+          metrics: !flags.bool('no-metrics'),
         },
         config,
       );
@@ -84,6 +93,7 @@ export const command: Command = {
         '',
         `emu3 is serving ${modelDir} on ${addr} (emu3.v1.Emu3, grpc.health.v1, server reflection)`,
         `  vq ${system.vqAddress}; shards ${system.shardAddresses.join(' → ')}`,
+        ...metricsLines(system.children),
         '',
         'try:',
         `  npx emu3 chat --addr ${addr} --image photo.png "Describe the image."`,

@@ -7,6 +7,8 @@ import type { CodeGrid } from '../../lib/prompt/prompt.js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import { InvalidArgument, ResourceExhausted, Unavailable } from '../../lib/rpc/errors.js';
 import { type EncodeResponse, type InfoResponse, VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
+import { tracedCall } from '../../lib/telemetry/grpc.js';
+import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 
 export type VqInfo = Pick<InfoResponse, 'codebook_size' | 'fingerprint' | 'max_message_bytes'>;
 
@@ -31,7 +33,13 @@ export class VqClient {
   }
 
   /** `field` names the part in errors, e.g. "parts[0].image". */
-  async encode(data: Uint8Array, mimeType: string, field: string, signal?: AbortSignal): Promise<CodeGrid> {
+  async encode(
+    data: Uint8Array,
+    mimeType: string,
+    field: string,
+    signal?: AbortSignal,
+    trace?: SpanHandle,
+  ): Promise<CodeGrid> {
     const key = createHash('sha256').update(data).digest('hex');
     const cached = this.grids.get(key);
     if (cached) {
@@ -39,7 +47,7 @@ export class VqClient {
       this.grids.set(key, cached);
       return cached;
     }
-    const grid = await this.encodeRemote(data, mimeType, field, signal);
+    const grid = await this.encodeRemote(data, mimeType, field, signal, trace);
     if (this.cacheEntries > 0) {
       this.grids.set(key, grid);
       if (this.grids.size > this.cacheEntries) this.grids.delete(this.grids.keys().next().value as string);
@@ -52,14 +60,17 @@ export class VqClient {
     mimeType: string,
     field: string,
     signal?: AbortSignal,
+    trace?: SpanHandle,
   ): Promise<CodeGrid> {
     let res: EncodeResponse;
     try {
-      res = await unaryCall<object, EncodeResponse>(
-        this.client,
-        'Encode',
-        { image: Buffer.from(data.buffer, data.byteOffset, data.byteLength), mime_type: mimeType },
-        { deadlineMs: this.timeoutMs },
+      res = await tracedCall(trace, `${VQ_SERVICE}/Encode`, (metadata) =>
+        unaryCall<object, EncodeResponse>(
+          this.client,
+          'Encode',
+          { image: Buffer.from(data.buffer, data.byteOffset, data.byteLength), mime_type: mimeType },
+          { deadlineMs: this.timeoutMs, metadata },
+        ),
       );
     } catch (err) {
       if (signal?.aborted) throw signal.reason;

@@ -21,6 +21,7 @@ import {
   SHARD_SERVICE,
 } from '../../lib/rpc/shard-wire.js';
 import type { ForwardOutput, StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { shardTelemetry } from '../../lib/telemetry/shard.js';
 import type { KvCapacity } from './capacity.js';
 import { KvLedger, ShardRequestError } from './kv-ledger.js';
 import type { NextHop, ResultSinks } from './links.js';
@@ -154,7 +155,8 @@ export class ShardService {
 
   private async handle(request: ReceivedForwardRequest, receivedAt: number): Promise<ForwardResponse> {
     const queueMs = performance.now() - receivedAt;
-    if (request.batch) return this.runBatch(request.batch, queueMs);
+    const batch = request.batch;
+    if (batch) return shardTelemetry().forward(batch, queueMs, () => this.runBatch(batch, queueMs));
     if (request.kv) return this.runKv(request.kv, queueMs);
     return { micro_batch_id: 0, error: 'ForwardRequest has neither batch nor kv', compute_ms: 0, queue_ms: queueMs };
   }

@@ -11,6 +11,7 @@ import type {
   EncodeResponse,
   InfoResponse,
 } from '../../lib/rpc/vq-wire.js';
+import { vqTelemetry } from '../../lib/telemetry/vq.js';
 import type { VqCodec } from '../../lib/vq/codec.js';
 import { codesFromBytes, codesToBytes } from './codes.js';
 import { checkImage, decodeToPng, encodeImage, mapVqError, type VqModelInfo } from './pipeline.js';
@@ -39,7 +40,13 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
         if (req.image.length === 0) throw new InvalidArgument('image is empty (0 bytes)');
         await checkImage(req.image, info);
         const started = performance.now();
-        const r = await pool.run((codec) => encodeImage(codec, req.image, info), ctx.signal);
+        const r = await vqTelemetry().run(
+          'encode',
+          ctx.metadata,
+          pool,
+          (c) => encodeImage(c, req.image, info),
+          ctx.signal,
+        );
         ctx.log.debug('encoded', {
           bytes: req.image.length,
           mimeType: req.mime_type || undefined,
@@ -59,7 +66,13 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
       }),
       Decode: unary(async (req: DecodeRequest, ctx): Promise<DecodeResponse> => {
         const codes = codesFromBytes(req.h, req.w, req.codes, info);
-        return pool.run((codec) => decodeToPng(codec, codes, req.h, req.w, info), ctx.signal);
+        return vqTelemetry().run(
+          'decode',
+          ctx.metadata,
+          pool,
+          (c) => decodeToPng(c, codes, req.h, req.w, info),
+          ctx.signal,
+        );
       }),
       Info: unary(
         async (): Promise<InfoResponse> => ({
