@@ -2,17 +2,19 @@
 // each with --metrics-listen and the OTEL_* variables pointing at an OTLP/HTTP receiver inside this test
 // (test/otlp/receiver.ts, http/json): one image Generate gives one trace with spans from the coordinator, the vq and
 // both shards; every /metrics passes `promtool check metrics` and its counters move as requests run; `emu3 load`
-// counts exactly the tokens streamed.
+// counts exactly the tokens streamed; the ghz recipes' requests are accepted.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { binPath } from '../../cli/system.js';
 import { type ReceivedSpan, type Receiver, startHttpReceiver } from '../otlp/receiver.js';
 import { parseSamples, promtoolCheck, type Samples, sample, scrape } from '../prom-text.js';
-import { generate, type Harness, picture, startHarness } from './pipeline-harness.js';
+import { generate, type Harness, picture, startHarness, unary } from './pipeline-harness.js';
 
 let h: Harness;
 let rx: Receiver;
@@ -245,5 +247,34 @@ test(
       sample(after, 'emu3_generated_tokens_total') - sample(before, 'emu3_generated_tokens_total'),
       closed.tokens + open.tokens,
     );
+  },
+);
+
+test(
+  'the ghz recipes in bench/ghz name real methods and their data is accepted by the running system',
+  {
+    timeout: 120_000,
+  },
+  async () => {
+    const dir = join(dirname(binPath()), '..', 'bench', 'ghz');
+    const recipes = readdirSync(dir).filter((f) => f.endsWith('.json'));
+    assert.ok(recipes.length >= 4, recipes.join());
+    for (const file of recipes) {
+      const r = JSON.parse(readFileSync(join(dir, file), 'utf8'));
+      assert.equal(r.insecure, true, file);
+      assert.match(r.host, /^127\.0\.0\.1:\d+$/, file);
+      const [service, method] = String(r.call).split('/');
+      assert.equal(service, 'emu3.v1.Emu3', file);
+      // ghz fills {{.RequestNumber}} in; bytes are base64 in proto JSON, which proto-loader's objects take too.
+      const data = JSON.parse(JSON.stringify(r.data).replaceAll('{{.RequestNumber}}', '7'));
+      if (method === 'Generate') {
+        const a = await generate(h.client, { ...data, returnTokenIds: true }).done;
+        assert.equal(a.final.finishReason, 'FINISH_REASON_LENGTH', file);
+        assert.equal(a.ids.length, data.sampling.maxNewTokens, file);
+      } else {
+        const res = await unary<object>(h.client, method, data);
+        assert.ok(res, file);
+      }
+    }
   },
 );
