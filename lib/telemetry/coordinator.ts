@@ -8,6 +8,7 @@
 // Engine gauges are read from stats() when Prometheus scrapes, so the engine's hot path pays nothing for them.
 import type { Metadata } from '@grpc/grpc-js';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Logger } from '../rpc/log.js';
 import { BATCH_SEQUENCE_BUCKETS, BATCH_TOKEN_BUCKETS, LATENCY_BUCKETS, REQUEST_BUCKETS } from './buckets.js';
 import { traceparentOf } from './grpc.js';
 import { IdleWindow } from './idle-window.js';
@@ -290,6 +291,7 @@ export class CoordinatorTelemetry {
   batchStarted(id: number, requests: readonly (SpanHandle | undefined)[], sequences: number, tokens: number): string {
     this.batchSequences.observe(sequences);
     this.batchTokens.observe(tokens);
+    if (!tracing().enabled) return '';
     const traced = requests.filter((s): s is SpanHandle => s?.recording === true);
     if (traced.length === 0) return '';
     const span = tracing().start('emu3.step', {
@@ -327,9 +329,13 @@ export class CoordinatorTelemetry {
     return new GenerateObserver(this, traceparentOf(metadata), model);
   }
 
-  /** A Generate handler observed from start to end: it gets its observer; how it ends is recorded. */
+  /**
+   * A Generate handler observed from start to end: it gets its observer; how it ends is recorded, and a failure is
+   * logged on `log` with the request and trace ids (success is logged by the handler itself, with its usage).
+   */
   traced<Req, Res, Ctx extends { metadata: Metadata; signal: AbortSignal }>(
     model: string,
+    log: Logger,
     handler: (req: Req, send: (m: Res) => Promise<void>, ctx: Ctx, obs: GenerateObserver) => Promise<void>,
   ): (req: Req, send: (m: Res) => Promise<void>, ctx: Ctx) => Promise<void> {
     return async (req, send, ctx) => {
@@ -338,7 +344,13 @@ export class CoordinatorTelemetry {
         await handler(req, send, ctx, obs);
         obs.finish();
       } catch (err) {
-        obs.finish(err, ctx.signal.aborted);
+        const status = obs.finish(err, ctx.signal.aborted);
+        log.info('generate failed', {
+          ...(obs.requestId ? { requestId: obs.requestId } : {}),
+          ...(obs.traceId ? { traceId: obs.traceId } : {}),
+          status,
+          error: err instanceof Error ? err.message : String(err),
+        });
         throw err;
       }
     };
@@ -356,6 +368,8 @@ export class GenerateObserver {
   private deltas = 0;
   private final: Extract<ObservedEvent, { type: 'final' }> | null = null;
   private ended = false;
+  /** Set once the request is validated. */
+  requestId = '';
 
   constructor(
     private readonly t: CoordinatorTelemetry,
@@ -383,6 +397,7 @@ export class GenerateObserver {
 
   /** The request passed validation. */
   validated(requestId: string, s: SamplingLike): void {
+    this.requestId = requestId;
     if (!this.span.recording) return;
     this.child('emu3.validate', this.received).end();
     this.span.setAttributes({
@@ -421,9 +436,9 @@ export class GenerateObserver {
     }
   }
 
-  /** The call ended: `err` thrown (or undefined after the final message); `cancelled` when the client went away. */
-  finish(err?: unknown, cancelled = false): void {
-    if (this.ended) return;
+  /** The call ended: `err` thrown (or undefined after the final message); `cancelled` when the client went away. Returns the status recorded. */
+  finish(err?: unknown, cancelled = false): string {
+    if (this.ended) return '';
     this.ended = true;
     const now = performance.now();
     const f = this.final;
@@ -436,7 +451,7 @@ export class GenerateObserver {
       this.t.generatedTokens.inc(f.usage.completionTokens);
       if (f.firstTokenAt > 0) this.t.ttft.observe((f.firstTokenAt - this.received) / 1000);
     }
-    if (!this.span.recording) return;
+    if (!this.span.recording) return status;
     // The phases are known only now; spans take explicit times, so they are made after the fact.
     const admittedAt = this.queueMs >= 0 ? this.submittedAt + this.queueMs : 0;
     if (this.submittedAt > 0) this.child('emu3.queue', this.submittedAt).end(admittedAt || now);
@@ -462,6 +477,7 @@ export class GenerateObserver {
     if (status !== 'OK') this.span.fail(err ?? new Error(status));
     this.span.setAttributes({ 'rpc.grpc.status_code': STATUS.indexOf(status) });
     this.span.end(now);
+    return status;
   }
 
   private child(name: string, startTime: number): SpanHandle {

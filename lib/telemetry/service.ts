@@ -10,7 +10,7 @@ export const TELEMETRY_FLAGS = {
   'metrics-listen': {
     help: 'serve Prometheus metrics on http://HOST:PORT/metrics (port 0 picks a free one; default: no metrics server)',
   },
-  'log-format': { help: 'log lines as json (one object per line) or text', default: 'json' },
+  'log-format': { help: 'log lines as json (one object per line) or text (default: $EMU3_LOG_FORMAT, else json)' },
 } as const;
 
 export interface ServiceTelemetry {
@@ -29,10 +29,10 @@ export async function startServiceTelemetry(
   service: string,
   opts: { metricsListen?: string; logFormat?: string; registry: () => Registry },
 ): Promise<ServiceTelemetry> {
-  const format = opts.logFormat ?? 'json';
-  if (!LOG_FORMATS.includes(format as LogFormat))
+  const format = opts.logFormat;
+  if (format !== undefined && !LOG_FORMATS.includes(format as LogFormat))
     throw new Error(`--log-format must be one of ${LOG_FORMATS.join('|')}, got "${format}"`);
-  const log = createLogger(service, { format: format as LogFormat });
+  const log = createLogger(service, { format: format as LogFormat | undefined });
   const tracing = await initTracing(service);
   if (tracing.enabled)
     log.info('tracing on', {

@@ -171,7 +171,7 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
     { service: 'Emu3', log, mapError: mapCoordinatorError },
     {
       Generate: serverStream(
-        coordinatorTelemetry().traced(deps.modelName, async (req: GenerateRequestLike, send, ctx, obs) => {
+        coordinatorTelemetry().traced(deps.modelName, log, async (req: GenerateRequestLike, send, ctx, obs) => {
           const received = performance.now();
           const v = validateGenerateRequest(req, limits);
           const requestId = v.requestId || `req-${randomInt(0, 2 ** 47).toString(16)}`;
