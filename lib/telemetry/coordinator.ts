@@ -174,6 +174,7 @@ export class CoordinatorTelemetry {
   private capacity = { slots: 0, tokens: 0 };
   private readonly idle: IdleWindow[] = [];
   private idleTimer: NodeJS.Timeout | null = null;
+  private watchedAt = 0;
   private readonly openBatches = new Map<number, SpanHandle>();
 
   constructor() {
@@ -250,6 +251,7 @@ export class CoordinatorTelemetry {
   watchEngine(stats: () => EngineStatsLike, capacity: { slots: number; tokens: number }): void {
     this.engine = stats;
     this.capacity = capacity;
+    this.watchedAt = performance.now();
     if (this.idleTimer) clearInterval(this.idleTimer);
     this.idleTimer = setInterval(() => this.sampleIdle(), 1000);
     this.idleTimer.unref();
@@ -260,7 +262,12 @@ export class CoordinatorTelemetry {
     if (!s) return;
     const now = performance.now();
     s.stageComputeMs.forEach((ms, i) => {
-      (this.idle[i] ??= new IdleWindow()).sample(now, ms);
+      if (!this.idle[i]) {
+        // A stage's total appears with its first micro-batch; it was 0 since the engine was watched.
+        this.idle[i] = new IdleWindow();
+        this.idle[i].sample(this.watchedAt, 0);
+      }
+      this.idle[i].sample(now, ms);
     });
   }
 

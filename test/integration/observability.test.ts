@@ -178,6 +178,10 @@ test(
     assert.ok(sample(after, 'emu3_kv_tokens_capacity') > 0);
     assert.ok(d('emu3_stage_compute_seconds_total{stage="0"}') > 0);
     assert.ok(d('emu3_stage_compute_seconds_total{stage="1"}') > 0);
+    for (const stage of ['0', '1']) {
+      const idle = sample(after, `emu3_stage_idle_ratio{stage="${stage}"}`);
+      assert.ok(idle >= 0 && idle < 1, `stage ${stage} computed within the last 10 s: idle ratio ${idle}`);
+    }
     const shardsAfter = await Promise.all([samplesOf('shard-0'), samplesOf('shard-1')]);
     shardsAfter.forEach((s, i) => {
       const ran =
@@ -186,7 +190,8 @@ test(
       assert.equal(ran, batches, `shard-${i} ran every micro-batch`);
       assert.ok(sample(s, 'emu3_stage_kv_slots_capacity') > 0);
       const idle = sample(s, 'emu3_stage_idle_ratio');
-      assert.ok(idle >= 0 && idle <= 1);
+      assert.ok(idle >= 0 && idle < 1, `shard-${i} idle ratio ${idle}`);
+      assert.ok(sample(s, 'emu3_stage_busy_seconds_total') > 0);
     });
     const vqAfter = await samplesOf('vq');
     const encodes = (s: Samples) => sample(s, 'emu3_vq_requests_total{method="encode",status="OK"}');

@@ -249,3 +249,31 @@ test('log lines: json by default, text on request, both with the caller fields (
   );
   assert.equal(formatText({ ts: 't', level: 'error', service: 's', msg: 'm' }), 't ERROR s m');
 });
+
+test("the coordinator's per-stage idle ratio counts from when the engine was watched, before the first micro-batch", async () => {
+  const t = new CoordinatorTelemetry();
+  let stageMs: number[] = [];
+  const stats = () => ({
+    queued: 0,
+    running: 0,
+    inFlightBatches: 0,
+    kvSlotsInUse: 0,
+    kvTokensReserved: 0,
+    cacheEntries: 0,
+    cacheTokens: 0,
+    stageComputeMs: stageMs,
+    microBatches: 0,
+    refusals: 0,
+    recoveries: 0,
+  });
+  t.watchEngine(stats, { slots: 1, tokens: 1 });
+  const watched = performance.now();
+  await new Promise((r) => setTimeout(r, 300));
+  stageMs = [150, 0];
+  const s = parseSamples(await t.registry.metrics());
+  const wall = performance.now() - watched;
+  const idle0 = sample(s, 'emu3_stage_idle_ratio{stage="0"}');
+  // 150 ms busy in `wall` ms (a little more than measured here, as the window began just before `watched`).
+  assert.ok(Math.abs(idle0 - (1 - 150 / wall)) < 0.05, `idle ${idle0} vs ${1 - 150 / wall}`);
+  assert.equal(sample(s, 'emu3_stage_idle_ratio{stage="1"}'), 1);
+});
