@@ -5,6 +5,7 @@
 import type * as grpc from '@grpc/grpc-js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
+import type { Outgoing } from './engine.js';
 import {
   type ForwardRequest,
   type ForwardResponse,
@@ -12,7 +13,6 @@ import {
   SHARD_SERVICE,
   type ShardInfo,
 } from '../../lib/rpc/shard-wire.js';
-import type { Outgoing } from './engine.js';
 import { checkTopology, type PipelineShape, type StageDescription, TopologyError } from './topology.js';
 
 export interface PipelineEvents {
