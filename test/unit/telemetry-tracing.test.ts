@@ -2,6 +2,7 @@
 // protocols the OTEL_EXPORTER_OTLP_PROTOCOL variable names delivers the spans with their parents, links, times,
 // status and the resource's service.name; the sampler variable is obeyed; with no endpoint tracing is off.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { test } from 'node:test';
 import { formatTraceparent, parseTraceparent } from '../../lib/telemetry/traceparent.js';
 import {
@@ -197,5 +198,30 @@ test(
     } finally {
       await rx.close();
     }
+  },
+);
+
+test(
+  'with tracing off the OpenTelemetry SDK and exporters are never loaded (the check loads them once tracing is on)',
+  {
+    timeout: 60_000,
+  },
+  () => {
+    // A fresh process, so the module cache holds only what these imports pulled in.
+    const url = (p: string) => new URL(p, import.meta.url).href;
+    const script = `
+    import { createRequire } from 'node:module';
+    const { initTracing, createTracing } = await import(${JSON.stringify(url('../../lib/telemetry/tracing.js'))});
+    for (const m of ['coordinator', 'shard', 'vq', 'service']) await import(${JSON.stringify(url('../../lib/telemetry/'))} + m + '.js');
+    const cache = createRequire(import.meta.url).cache;
+    const sdk = () => Object.keys(cache).filter((k) => /@opentelemetry[\\/](sdk-trace|exporter-|otlp-)/.test(k)).length;
+    await initTracing('x', {});
+    const off = sdk();
+    await createTracing({ protocol: 'http/json', serviceName: 'x' });
+    console.log(JSON.stringify({ off, on: sdk() }));`;
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+    const { off, on } = JSON.parse(out);
+    assert.equal(off, 0, 'no SDK module loaded with tracing off');
+    assert.ok(on > 0, `the SDK's modules are seen once loaded (${on})`);
   },
 );
