@@ -4,6 +4,9 @@
 // coordinator's "engine stats" log lines, which sum StepResult.stage_compute_ms), pipeline efficiency, scaling and the
 // prefix-cache ratio. Writes its section of BENCHMARKS.md.
 //   node dist/bench/serve.js [--dir DIR] [--new-tokens N] [--rounds N] [--no-write]
+// With --tracing it measures instead what tracing costs: two 2-shard systems side by side, one with tracing off and
+// one exporting every span (OTEL_TRACES_SAMPLER=always_on, http/protobuf) to an OTLP receiver in this process, their
+// rounds interleaved at concurrency 1 and 32; writes the "Tracing overhead" section (target: on ÷ off ≥ 0.97).
 import { existsSync, readFileSync } from 'node:fs';
 import { availableParallelism, homedir, loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +18,7 @@ import { writeTinyEmu3 } from '../lib/model/tiny.js';
 import { writeTokenizerFiles } from '../lib/tokenizer/files.js';
 import { writeTinyVq } from '../lib/vq/tiny.js';
 import { picture } from '../test/integration/pipeline-harness.js';
+import { startHttpReceiver } from '../test/otlp/receiver.js';
 import { median, writeBenchSection } from './report.js';
 
 const args = process.argv.slice(2);
@@ -161,12 +165,113 @@ async function measure(stages: number, logDir: string) {
   }
 }
 
+/** Tokens/s with tracing off and on (every span exported), rounds interleaved on two live systems. */
+async function measureTracing(): Promise<void> {
+  const receiver = await startHttpReceiver();
+  const started = Date.now();
+  const system = (tracing: boolean) =>
+    startSystem(
+      {
+        modelDir: dir,
+        shards: 2,
+        logDir: join(dir, tracing ? 'logs-tracing-on' : 'logs-tracing-off'),
+        shardArgs: ['--slot-tokens', '1280'],
+        progress: (l) => console.error(`  ${l}`),
+        env: tracing
+          ? {
+              OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
+              OTEL_EXPORTER_OTLP_PROTOCOL: 'http/protobuf',
+              OTEL_TRACES_SAMPLER: 'always_on',
+            }
+          : { OTEL_SDK_DISABLED: 'true' },
+      },
+      loadEmu3Config(dir),
+    );
+  const off = await system(false);
+  const on = await system(true);
+  const clients = { off: emu3Client(off.address), on: emu3Client(on.address) };
+  const levels = [1, 32];
+  const tps: Record<string, number[]> = {};
+  try {
+    const req = (i: number) => ({
+      parts: [{ text: `Request ${i}: ${'describe the scene in detail '.repeat(1 + (i % 4))}` }],
+      sampling: { maxNewTokens: newTokens, ignoreEos: true },
+    });
+    for (const client of Object.values(clients)) {
+      await oneStream(client, req(999));
+      await Promise.all(
+        Array.from({ length: 32 }, (_, i) =>
+          oneStream(client, { ...req(900 + i), sampling: { maxNewTokens: 16, ignoreEos: true } }),
+        ),
+      );
+    }
+    for (let round = 0; round < rounds; round++) {
+      for (const c of levels) {
+        // Alternate which system goes first, so drift on a shared machine falls on both.
+        const order = round % 2 === 0 ? (['off', 'on'] as const) : (['on', 'off'] as const);
+        for (const mode of order) {
+          await new Promise((r) => setTimeout(r, 1000));
+          const t0 = performance.now();
+          const runs = await Promise.all(
+            Array.from({ length: c }, (_, i) => oneStream(clients[mode], req(c * 100 + i))),
+          );
+          const wall = performance.now() - t0;
+          (tps[`${mode}${c}`] ??= []).push(runs.reduce((n, r) => n + r.tokens, 0) / (wall / 1000));
+          console.error(
+            `  tracing ${mode}, round ${round + 1}, concurrency ${c}: ${tps[`${mode}${c}`].at(-1)?.toFixed(1)} tokens/s`,
+          );
+        }
+      }
+    }
+  } finally {
+    for (const c of Object.values(clients)) c.close();
+    await Promise.all([off.stop(), on.stop()]);
+  }
+  await receiver.close();
+  const f = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
+  const lines = [
+    '| concurrency | tracing off tokens/s | tracing on tokens/s | on ÷ off (target ≥ 0.97) |',
+    '|---|---|---|---|',
+  ];
+  for (const c of levels) {
+    const a = median(tps[`off${c}`]);
+    const b = median(tps[`on${c}`]);
+    lines.push(`| ${c} | ${f(a)} | ${f(b)} | ${f(b / a, 3)} |`);
+  }
+  const text = [
+    ...lines,
+    '',
+    `Spans received by the OTLP receiver: ${receiver.spans.length} (http/protobuf, decoded). ${newTokens} new tokens ` +
+      `per request (ignore_eos), greedy; medians of ${rounds} interleaved rounds; both systems are live for the whole ` +
+      `run (the idle one only sends heartbeats). Load average at the end ${loadavg()[0].toFixed(1)}. Total bench time ` +
+      `${((Date.now() - started) / 1000).toFixed(0)} s.`,
+  ].join('\n');
+  console.log(text);
+  if (!args.includes('--no-write'))
+    writeBenchSection(
+      'Tracing overhead',
+      [
+        'Command: `npm run bench:serve -- --tracing` (builds, then `node dist/bench/serve.js --tracing [--rounds N]`). Two 2-shard',
+        'systems of the `small` preset run side by side: one with tracing off (`OTEL_SDK_DISABLED=true`), one with',
+        '`OTEL_TRACES_SAMPLER=always_on` exporting every span over OTLP http/protobuf to a receiver inside the bench',
+        "process (which decodes them: its cost is counted against tracing). Each request's trace holds its Generate span,",
+        'its phases, a step span per micro-batch and one span per stage per micro-batch (docs/observability.md).',
+        '',
+        text,
+      ].join('\n'),
+    );
+}
+
 async function main(): Promise<void> {
   if (!existsSync(join(dir, 'config.json'))) {
     console.error(`generating the small preset into ${dir} (once) ...`);
     writeTinyEmu3(dir, { seed: 0, preset: 'small', dtype: 'f32', shards: 1 });
     await writeTokenizerFiles(dir);
     writeTinyVq(join(dir, 'vq'), { seed: 0, preset: 'small' });
+  }
+  if (args.includes('--tracing')) {
+    await measureTracing();
+    return;
   }
   const started = Date.now();
   const two = await measure(2, join(dir, 'logs-2'));

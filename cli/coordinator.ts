@@ -2,6 +2,8 @@
 import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { defaultLimits, type RequestLimits } from '../services/coordinator/request-validation.js';
+import { coordinatorTelemetry } from '../lib/telemetry/coordinator.js';
+import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
 import { startCoordinator } from '../services/coordinator/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
@@ -11,6 +13,7 @@ const spec: CommandSpec = {
   summary: 'public emu3.v1.Emu3 service: validation, prompts, scheduling, KV lifecycle, sampling, streaming',
   usage: 'emu3 coordinator --model DIR --shards ADDR,ADDR,... --vq ADDR [--listen HOST:PORT] [flags]',
   flags: {
+    ...TELEMETRY_FLAGS,
     model: { help: 'model directory (config.json + tokenizer files; the weights are read by the shards), required' },
     shards: {
       help: 'the shard addresses in pipeline order, comma-separated; together they must cover every layer once, required',
@@ -84,6 +87,11 @@ export const command: Command = {
     };
     const maxTopK = flags.int('max-top-k', 0, 1_000_000);
     if (maxTopK !== undefined) limits.maxTopK = maxTopK;
+    const telemetry = await startServiceTelemetry('coordinator', {
+      metricsListen: flags.string('metrics-listen'),
+      logFormat: flags.string('log-format'),
+      registry: () => coordinatorTelemetry().registry,
+    });
     const coordinator = await startCoordinator({
       modelDir: flags.required('model'),
       shards,
@@ -104,9 +112,10 @@ export const command: Command = {
       drainTimeoutMs: flags.int('drain-timeout-ms', 0)!,
       stageTimeoutMs: flags.int('stage-timeout-ms', 0)!,
       maxRecoveries: flags.int('max-recoveries', 0, 1000)!,
-      log: createLogger('coordinator'),
+      log: telemetry.log,
     });
     await coordinator.closed;
+    await telemetry.shutdown();
     return 0;
   },
 };

@@ -57,6 +57,11 @@ const commands: Entry[] = [
     load: async () => (await import('./gateway.js')).command,
   },
   {
+    name: 'load',
+    summary: 'bounded load on Generate: TTFT, inter-token and end-to-end latency percentiles, tokens/s',
+    load: async () => (await import('./load.js')).command,
+  },
+  {
     name: 'chat',
     summary: 'stream an answer about images and text from the coordinator',
     load: async () => (await import('./chat.js')).command,

@@ -3,6 +3,8 @@
 import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable } from '../lib/rpc/serve.js';
+import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
+import { shardTelemetry } from '../lib/telemetry/shard.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/capacity.js';
 import { DEFAULT_LEASE_MS, startShardServer } from '../services/shard/server.js';
 import { type CommandSpec, UsageError } from './args.js';
@@ -13,6 +15,7 @@ const spec: CommandSpec = {
   summary: 'serve decoder layers [A, B) of a model as one pipeline stage (emu3.internal.v1.Shard)',
   usage: 'emu3 shard --model DIR --layers A-B --listen HOST:PORT [--next HOST:PORT] [flags]',
   flags: {
+    ...TELEMETRY_FLAGS,
     model: { help: 'model directory (config.json, safetensors, tokenizer files), required' },
     layers: { help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16), required' },
     listen: {
@@ -61,7 +64,12 @@ export const command: Command = {
   spec,
   async run(flags) {
     await checkListenable(flags.required('listen'));
-    const log = createLogger('shard');
+    const telemetry = await startServiceTelemetry('shard', {
+      metricsListen: flags.string('metrics-listen'),
+      logFormat: flags.string('log-format'),
+      registry: () => shardTelemetry().registry,
+    });
+    const log = telemetry.log;
     const layers = parseLayers(flags.required('layers'));
     const running = await startShardServer({
       modelDir: flags.required('model'),
@@ -80,6 +88,7 @@ export const command: Command = {
       drainTimeoutMs: flags.int('drain-timeout-ms', 0),
     });
     await running.server.closed;
+    await telemetry.shutdown();
     return 0;
   },
 };

@@ -38,6 +38,10 @@ export interface SystemOptions {
   progress?: (line: string) => void;
   /** Restart children that die after the system is up; unset: a dead child stays dead. */
   supervise?: SupervisePolicy;
+  /** Give every process a Prometheus endpoint (--metrics-listen on a free loopback port). */
+  metrics?: boolean;
+  /** Extra environment for every process (e.g. OTEL_* for tracing). */
+  env?: Record<string, string>;
 }
 
 export interface SupervisePolicy extends RestartPolicy {
@@ -59,6 +63,8 @@ export interface Child {
   ended: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   /** Resolves when the child itself logged "listening" on `address`. */
   listening: Promise<void>;
+  /** http://HOST:PORT/metrics when started with metrics. */
+  metricsUrl?: string;
 }
 
 export interface RunningSystem {
@@ -173,6 +179,8 @@ export function splitLayers(layers: number, stages: number, costs?: StageCosts):
 export interface ChildOptions {
   /** Append to the log file instead of starting it afresh (a restart). */
   appendLog?: boolean;
+  /** Extra environment for the child. */
+  env?: Record<string, string>;
 }
 
 /**
@@ -189,7 +197,7 @@ export function startChild(
   const proc = spawn(process.execPath, [binPath(), ...args], {
     stdio: ['pipe', 'pipe', 'pipe'],
     detached: true,
-    env: { ...process.env, EMU3_EXIT_WITH_PARENT: '1' },
+    env: { ...process.env, ...opts.env, EMU3_EXIT_WITH_PARENT: '1' },
   });
   const tail: string[] = [];
   let log: WriteStream | undefined;
@@ -315,6 +323,8 @@ interface ChildRecipe {
   name: string;
   address: string;
   args: string[];
+  metricsUrl?: string;
+  env?: Record<string, string>;
 }
 
 /** Restarts each child of `children` that dies, at its address, until stopped or the policy gives up on it. */
@@ -380,7 +390,11 @@ class Supervisor {
 
   private async restart(i: number, failures: number[]): Promise<void> {
     const recipe = this.recipes[i];
-    const child = startChild(recipe.name, recipe.address, recipe.args, this.logDir, { appendLog: true });
+    const child = startChild(recipe.name, recipe.address, recipe.args, this.logDir, {
+      appendLog: true,
+      env: recipe.env,
+    });
+    child.metricsUrl = recipe.metricsUrl;
     this.children[i] = child;
     this.info(`${recipe.name} restarted (pid ${child.process.pid}) on ${recipe.address}`);
     const started = Date.now();
@@ -428,8 +442,17 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
   const children: Child[] = [];
   const recipes: ChildRecipe[] = [];
   const timeout = opts.readyTimeoutMs ?? 180_000;
+  // With metrics, each child gets --metrics-listen on a free port (kept across restarts); its URL is on the Child.
+  const withMetrics = async (recipe: ChildRecipe): Promise<void> => {
+    if (!opts.metrics) return;
+    const metricsAddress = `${host}:${await freePort()}`;
+    recipe.args.push('--metrics-listen', metricsAddress);
+    recipe.metricsUrl = `http://${metricsAddress}/metrics`;
+  };
   const launch = (recipe: ChildRecipe): Child => {
-    const child = startChild(recipe.name, recipe.address, recipe.args, opts.logDir);
+    recipe.env = opts.env;
+    const child = startChild(recipe.name, recipe.address, recipe.args, opts.logDir, { env: opts.env });
+    child.metricsUrl = recipe.metricsUrl;
     progress(`${recipe.name} started (pid ${child.process.pid}) on ${recipe.address}`);
     return child;
   };
@@ -439,6 +462,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
       address: vqAddress,
       args: ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress],
     };
+    await withMetrics(vq);
     // Last stage first, so each stage's next hop is already starting when it dials it.
     const shards: ChildRecipe[] = [];
     for (let i = stages.length - 1; i >= 0; i--) {
@@ -447,7 +471,9 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
       if (i + 1 < stages.length) args.push('--next', shardAddresses[i + 1]);
       if (opts.precision) args.push('--precision', opts.precision);
       args.push(...shardArgs);
-      shards.unshift({ name: `shard-${i}`, address: shardAddresses[i], args });
+      const shard: ChildRecipe = { name: `shard-${i}`, address: shardAddresses[i], args };
+      await withMetrics(shard);
+      shards.unshift(shard);
     }
     progress(
       `starting vq on ${vqAddress} and ${stages.length} shard(s): ${stages.map(([a, b], i) => `layers ${a}-${b} on ${shardAddresses[i]}`).join(', ')}`,
@@ -472,6 +498,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
         ...coordinatorArgs,
       ],
     };
+    await withMetrics(coordinator);
     progress(`starting the coordinator on ${address}`);
     children.push(launch(coordinator));
     recipes.push(coordinator);

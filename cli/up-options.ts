@@ -57,6 +57,7 @@ export const upSpec: CommandSpec = {
       help: 'an extra flag for the coordinator, e.g. --coordinator-arg=--max-text-chars=1000 (repeatable; see emu3 coordinator --help; default: none)',
       repeatable: true,
     },
+    'no-metrics': { boolean: true, help: 'start no Prometheus endpoints (default: one per process on a free port)' },
     'shard-arg': {
       help: 'an extra flag for every shard, e.g. --shard-arg=--max-slots=32 (repeatable; see emu3 shard --help; default: none)',
       repeatable: true,
@@ -80,6 +81,8 @@ export interface UpOptions {
   restart: RestartPolicy;
   coordinatorArgs: string[];
   shardArgs: string[];
+  /** A Prometheus endpoint per process (--no-metrics turns them off). */
+  metrics: boolean;
 }
 
 const DAY_MS = 86_400_000;
@@ -140,5 +143,6 @@ export function upOptions(flags: Flags): UpOptions {
     restart,
     coordinatorArgs: extraFlags(flags, 'coordinator-arg'),
     shardArgs: extraFlags(flags, 'shard-arg'),
+    metrics: !flags.bool('no-metrics'),
   };
 }

@@ -48,6 +48,13 @@ function sampleImage(): string {
   return rel.startsWith('..') ? file : rel;
 }
 
+/** The /metrics URLs, the coordinator's first. */
+function metricsLines(children: Child[]): string[] {
+  const ordered = [...children].sort((a, b) => Number(b.name === 'coordinator') - Number(a.name === 'coordinator'));
+  const urls = ordered.filter((c) => c.metricsUrl);
+  return urls.length === 0 ? [] : ['  metrics:', ...urls.map((c) => `    ${c.name.padEnd(12)} ${c.metricsUrl}`)];
+}
+
 export const command: Command = {
   spec: upSpec,
   async run(flags) {
@@ -115,6 +122,7 @@ export const command: Command = {
             problem: (line) => console.error(`emu3 up: ${line}`),
             onGiveUp,
           },
+          metrics: opts.metrics,
         },
         config,
       );
@@ -156,6 +164,7 @@ export const command: Command = {
         `emu3 is serving ${opts.modelDir} on ${addr} (emu3.v1.Emu3, grpc.health.v1, server reflection)`,
         `  vq ${running.vqAddress}; shards ${running.shardAddresses.join(' → ')}`,
         ...(gateway ? [`  OpenAI-compatible HTTP API: ${gateway.baseUrl} (docs/openai.md)`] : []),
+        ...metricsLines(running.children),
         '',
         'try:',
         `  npx emu3 chat --addr ${addr} --image ${sampleImage()} "Describe the image."`,

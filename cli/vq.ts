@@ -6,6 +6,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { RpcError } from '../lib/rpc/errors.js';
 import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable, DEFAULT_MAX_MESSAGE_BYTES } from '../lib/rpc/serve.js';
+import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
+import { vqTelemetry } from '../lib/telemetry/vq.js';
 import { VqCodec } from '../lib/vq/codec.js';
 import { DEFAULT_MAX_INPUT_PIXELS } from '../lib/vq/image-decode.js';
 import { gridFromJson, gridToJson } from '../services/vq/codes.js';
@@ -30,6 +32,7 @@ const spec: CommandSpec = {
     '       emu3 vq decode --vq DIR CODES.json OUT.png  decode a code grid (JSON as printed by encode) to a PNG',
   ].join('\n'),
   flags: {
+    ...TELEMETRY_FLAGS,
     vq: { help: 'VQ directory: config.json, model.safetensors, preprocessor_config.json (required)' },
     listen: {
       help: 'address to serve on, host:port (port 0 picks a free one; the "listening" log line says which)',
@@ -61,7 +64,12 @@ const spec: CommandSpec = {
 
 async function serveCommand(flags: Flags): Promise<number> {
   await checkListenable(flags.required('listen'));
-  const log = createLogger('vq');
+  const telemetry = await startServiceTelemetry('vq', {
+    metricsListen: flags.string('metrics-listen'),
+    logFormat: flags.string('log-format'),
+    registry: () => vqTelemetry().registry,
+  });
+  const log = telemetry.log;
   const server = await startVqServer({
     vqDir: flags.required('vq'),
     address: flags.required('listen'),
@@ -75,6 +83,7 @@ async function serveCommand(flags: Flags): Promise<number> {
     drainTimeoutMs: flags.int('drain-timeout-ms', 0),
   });
   await server.closed;
+  await telemetry.shutdown();
   return 0;
 }
 

@@ -19,6 +19,8 @@ import {
   type StageError,
   type StepResult,
 } from '../../lib/rpc/shard-wire.js';
+import { coordinatorTelemetry } from '../../lib/telemetry/coordinator.js';
+import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 import type { StreamDetokenizer } from '../../lib/tokenizer/stream.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { GrpcCode, InternalError, ResourceExhaustedError, StageRefusedError, UnavailableError } from './errors.js';
@@ -77,6 +79,8 @@ export interface GenerateJob {
   topLogprobs: number;
   returnTokenIds: boolean;
   onEvent(e: EngineEvent): void;
+  /** The request's span: its micro-batches' step spans link to it (lib/telemetry). */
+  trace?: SpanHandle;
 }
 
 /** What the engine sends down the pipeline (the caller adds the coordinator's epoch). */
@@ -310,6 +314,7 @@ export class Engine {
   onStepResult(result: StepResult): void {
     const id = result.micro_batch_id;
     if (!this.state.inFlight.has(id)) return; // a batch lost to a recovery, or whose requests all ended
+    coordinatorTelemetry().batchDone(id, result.stage_compute_ms, result.error?.message);
     for (const r of result.refusals ?? []) this.onRefusal(r);
     const error = result.error;
     if (error && error.kind !== 'STAGE_ERROR_KIND_UNSPECIFIED') {
@@ -394,6 +399,7 @@ export class Engine {
 
   private carryOut(plan: StepPlan): void {
     // Evicted slots are freed before any copy: a new cache entry may have been given one of them.
+    coordinatorTelemetry().prefixEvicted(plan.evict.length);
     if (plan.evict.length > 0) this.emit({ kv: { free_slots: plan.evict.map((e) => e.kv.slot), copies: [] } });
     if (plan.release.length > 0) {
       const copies = plan.release.flatMap((r) =>
@@ -408,6 +414,7 @@ export class Engine {
     for (const a of plan.admit) {
       const seq = this.state.running.get(a.id)!;
       seq.admittedAt = now;
+      coordinatorTelemetry().prefixLookup(seq.cachedTokens);
       seq.job.onEvent({ type: 'admitted', queueMs: now - seq.enqueuedAt });
     }
     if (plan.batch) this.send(plan.batch);
@@ -437,7 +444,12 @@ export class Engine {
         token_ids: tokenIds,
         sampling,
         reply_to: this.opts.replyTo,
-        traceparent: '',
+        traceparent: coordinatorTelemetry().batchStarted(
+          plan.id,
+          plan.items.map((i) => this.state.running.get(i.seqId)?.job.trace),
+          items.length,
+          tokenIds.length,
+        ),
       },
     });
   }

@@ -15,6 +15,8 @@ import { protoRoot } from '../../lib/rpc/proto.js';
 import { decodeRequestsInHandlers } from '../../lib/rpc/request-decoding.js';
 import { type RunningServer, type ServiceBinding, serve } from '../../lib/rpc/serve.js';
 import type { ForwardResponse } from '../../lib/rpc/shard-wire.js';
+import { coordinatorTelemetry } from '../../lib/telemetry/coordinator.js';
+import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { Engine } from './engine.js';
@@ -129,6 +131,7 @@ async function buildPrompt(
   deps: Deps,
   parts: ValidPart[],
   signal: AbortSignal,
+  trace?: SpanHandle,
 ): Promise<{ prompt: number[]; grids: CodeGrid[]; vqMs: number }> {
   const grids: CodeGrid[] = [];
   let text = '';
@@ -136,7 +139,7 @@ async function buildPrompt(
   let index = 0;
   for (const p of parts) {
     if (p.kind === 'text') text += p.text;
-    else grids.push(await deps.vq.encode(p.data, p.mimeType, `parts[${index}].image`, signal));
+    else grids.push(await deps.vq.encode(p.data, p.mimeType, `parts[${index}].image`, signal, trace));
     index++;
   }
   const vqMs = grids.length > 0 ? performance.now() - started : 0;
@@ -148,60 +151,67 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
   return implement(
     { service: 'Emu3', log, mapError: mapCoordinatorError },
     {
-      Generate: serverStream(async (req: GenerateRequestLike, send: (m: unknown) => Promise<void>, ctx) => {
-        const received = performance.now();
-        const v = validateGenerateRequest(req, limits);
-        const { prompt, vqMs } = await buildPrompt(deps, v.parts, ctx.signal);
-        const maxNewTokens = checkPromptLength(prompt.length, v.sampling, limits.contextLength);
-        const seed = v.sampling.seed ?? (v.sampling.temperature === 0 ? 0 : randomInt(0, 2 ** 32));
-        const requestId = v.requestId || `req-${randomInt(0, 2 ** 47).toString(16)}`;
-        const events = new EventQueue();
-        const handle = engine.submit({
-          prompt,
-          maxNewTokens,
-          sampling: v.sampling,
-          seed,
-          topLogprobs: v.topLogprobs,
-          returnTokenIds: v.returnTokenIds,
-          onEvent: (e) => events.push(e),
-        });
-        const onAbort = () => handle.cancel();
-        ctx.signal.addEventListener('abort', onAbort, { once: true });
-        let queueMs = 0;
-        try {
-          for (;;) {
-            const e = await events.next(ctx.signal);
-            if (e.type === 'admitted') queueMs = e.queueMs;
-            else if (e.type === 'delta')
-              await send({ delta: { text: e.text, tokenIds: e.tokenIds, logprobs: e.logprobs } });
-            else if (e.type === 'error') throw mapCoordinatorError(e.error) ?? e.error;
-            else {
-              await send({
-                final: {
-                  finishReason: e.finishReason,
-                  usage: e.usage,
-                  timings: { queueMs, vqMs, ttftMs: e.firstTokenAt - received, decodeMs: e.decodeMs },
+      Generate: serverStream(
+        coordinatorTelemetry().traced(deps.modelName, log, async (req: GenerateRequestLike, send, ctx, obs) => {
+          const received = performance.now();
+          const v = validateGenerateRequest(req, limits);
+          const requestId = v.requestId || `req-${randomInt(0, 2 ** 47).toString(16)}`;
+          obs.validated(requestId, v.sampling);
+          const { prompt, vqMs } = await buildPrompt(deps, v.parts, ctx.signal, obs.span);
+          const maxNewTokens = checkPromptLength(prompt.length, v.sampling, limits.contextLength);
+          obs.promptBuilt(prompt.length, received, vqMs);
+          const seed = v.sampling.seed ?? (v.sampling.temperature === 0 ? 0 : randomInt(0, 2 ** 32));
+          const events = new EventQueue();
+          const handle = engine.submit({
+            trace: obs.span,
+            prompt,
+            maxNewTokens,
+            sampling: v.sampling,
+            seed,
+            topLogprobs: v.topLogprobs,
+            returnTokenIds: v.returnTokenIds,
+            onEvent: (e) => events.push(e),
+          });
+          const onAbort = () => handle.cancel();
+          ctx.signal.addEventListener('abort', onAbort, { once: true });
+          let queueMs = 0;
+          try {
+            for (;;) {
+              const e = await events.next(ctx.signal);
+              obs.event(e);
+              if (e.type === 'admitted') queueMs = e.queueMs;
+              else if (e.type === 'delta')
+                await send({ delta: { text: e.text, tokenIds: e.tokenIds, logprobs: e.logprobs } });
+              else if (e.type === 'error') throw mapCoordinatorError(e.error) ?? e.error;
+              else {
+                await send({
+                  final: {
+                    finishReason: e.finishReason,
+                    usage: e.usage,
+                    timings: { queueMs, vqMs, ttftMs: e.firstTokenAt - received, decodeMs: e.decodeMs },
+                    requestId,
+                    seed,
+                    stopString: e.stopString,
+                  },
+                });
+                log.info('generated', {
                   requestId,
-                  seed,
-                  stopString: e.stopString,
-                },
-              });
-              log.info('generated', {
-                requestId,
-                promptTokens: e.usage.promptTokens,
-                cachedTokens: e.usage.cachedTokens,
-                completionTokens: e.usage.completionTokens,
-                finish: e.finishReason,
-                ms: Math.round(performance.now() - received),
-              });
-              return;
+                  promptTokens: e.usage.promptTokens,
+                  cachedTokens: e.usage.cachedTokens,
+                  completionTokens: e.usage.completionTokens,
+                  finish: e.finishReason,
+                  ms: Math.round(performance.now() - received),
+                  ...(obs.traceId ? { traceId: obs.traceId } : {}),
+                });
+                return;
+              }
             }
+          } finally {
+            ctx.signal.removeEventListener('abort', onAbort);
+            if (ctx.signal.aborted) handle.cancel();
           }
-        } finally {
-          ctx.signal.removeEventListener('abort', onAbort);
-          if (ctx.signal.aborted) handle.cancel();
-        }
-      }),
+        }),
+      ),
       Tokenize: unary(async (req: GenerateRequestLike, ctx) => {
         const v = validateGenerateRequest({ parts: req.parts, task: req.task }, limits);
         const { prompt, grids } = await buildPrompt(deps, v.parts, ctx.signal);
@@ -324,6 +334,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     { send: (r) => pipeline.send(r) },
   );
   const running = engine;
+  coordinatorTelemetry().watchEngine(() => running.stats(), capacity);
   const events = {
     onAck: (ack: ForwardResponse) => {
       // Informational: whatever stopped a batch also reached the ResultSink as a StepResult.

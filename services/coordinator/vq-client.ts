@@ -7,6 +7,8 @@ import type { CodeGrid } from '../../lib/prompt/prompt.js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
 import { InvalidArgument, ResourceExhausted, Unavailable } from '../../lib/rpc/errors.js';
 import { type EncodeResponse, type InfoResponse, VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
+import { tracedCall } from '../../lib/telemetry/grpc.js';
+import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 
 export type VqInfo = Pick<InfoResponse, 'codebook_size' | 'fingerprint' | 'max_message_bytes'>;
 
@@ -31,7 +33,13 @@ export class VqClient {
   }
 
   /** `field` names the part in errors, e.g. "parts[0].image". */
-  async encode(data: Uint8Array, mimeType: string, field: string, signal?: AbortSignal): Promise<CodeGrid> {
+  async encode(
+    data: Uint8Array,
+    mimeType: string,
+    field: string,
+    signal?: AbortSignal,
+    trace?: SpanHandle,
+  ): Promise<CodeGrid> {
     const key = createHash('sha256').update(data).digest('hex');
     const cached = this.grids.get(key);
     if (cached) {
@@ -39,7 +47,7 @@ export class VqClient {
       this.grids.set(key, cached);
       return cached;
     }
-    const grid = await this.encodeRemote(data, mimeType, field, signal);
+    const grid = await this.encodeRemote(data, mimeType, field, signal, trace);
     if (this.cacheEntries > 0) {
       this.grids.set(key, grid);
       if (this.grids.size > this.cacheEntries) this.grids.delete(this.grids.keys().next().value as string);
@@ -52,12 +60,16 @@ export class VqClient {
     mimeType: string,
     field: string,
     signal?: AbortSignal,
+    trace?: SpanHandle,
   ): Promise<CodeGrid> {
     let res: EncodeResponse;
     try {
-      res = await this.encodeCall(
-        { image: Buffer.from(data.buffer, data.byteOffset, data.byteLength), mime_type: mimeType },
-        signal,
+      res = await tracedCall(trace, `${VQ_SERVICE}/Encode`, (metadata) =>
+        this.encodeCall(
+          { image: Buffer.from(data.buffer, data.byteOffset, data.byteLength), mime_type: mimeType },
+          signal,
+          metadata,
+        ),
       );
     } catch (err) {
       if (signal?.aborted) throw signal.reason;
@@ -78,7 +90,7 @@ export class VqClient {
    * One Encode call, cancelled when `signal` aborts (the Generate call was cancelled or passed its deadline), so the
    * VQ service drops the request from its queue, or stops it after preprocessing, instead of encoding for nobody.
    */
-  private encodeCall(request: object, signal?: AbortSignal): Promise<EncodeResponse> {
+  private encodeCall(request: object, signal?: AbortSignal, metadata = new grpc.Metadata()): Promise<EncodeResponse> {
     if (signal?.aborted) return Promise.reject(signal.reason);
     return new Promise<EncodeResponse>((resolve, reject) => {
       type EncodeMethod = (
@@ -92,7 +104,7 @@ export class VqClient {
       const call = encode.call(
         this.client,
         request,
-        new grpc.Metadata(),
+        metadata,
         { deadline: Date.now() + this.timeoutMs },
         (err, res) => {
           signal?.removeEventListener('abort', onAbort);

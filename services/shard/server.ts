@@ -7,6 +7,7 @@ import { checkStageSpec, type Precision } from '../../lib/onnx/stage-graph.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { type RunningServer, serve } from '../../lib/rpc/serve.js';
 import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { shardTelemetry } from '../../lib/telemetry/shard.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS, kvCapacity } from './capacity.js';
 import { NextHop, ResultSinks } from './links.js';
@@ -132,6 +133,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     { next, sinks },
     log,
   );
+  shardTelemetry().watchStage([first, end], () => service.ledger, capacity);
   const close = async () => {
     service.stopLease();
     next?.close();

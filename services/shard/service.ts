@@ -32,6 +32,7 @@ import {
   type StageErrorKindName,
 } from '../../lib/rpc/shard-wire.js';
 import type { ForwardOutput, StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { shardTelemetry } from '../../lib/telemetry/shard.js';
 import type { KvCapacity } from './capacity.js';
 import { KvLedger, ShardRequestError } from './kv-ledger.js';
 import type { NextHop, ResultSinks } from './links.js';
@@ -212,7 +213,8 @@ export class ShardService {
         this.epoch = epoch;
         this.logTakeover(epoch, freed);
       }
-      if (request.batch) return await this.runBatch(request.batch, epoch, queueMs);
+      const batch = request.batch;
+      if (batch) return await shardTelemetry().forward(batch, queueMs, () => this.runBatch(batch, epoch, queueMs));
       if (request.kv) return await this.runKv(request.kv, epoch, queueMs);
       if (request.heartbeat || request.kind === 'heartbeat') {
         this.links.next?.send({ heartbeat: {}, epoch });

@@ -5,6 +5,7 @@ import type { Logger } from '../../lib/rpc/log.js';
 import { serviceDefinition } from '../../lib/rpc/proto.js';
 import { DEFAULT_MAX_MESSAGE_BYTES, type RunningServer, serve } from '../../lib/rpc/serve.js';
 import { VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
+import { vqTelemetry } from '../../lib/telemetry/vq.js';
 import { VqCodec } from '../../lib/vq/codec.js';
 import { DEFAULT_MAX_INPUT_PIXELS } from '../../lib/vq/image-decode.js';
 import { loadVqModelInfo } from './pipeline.js';
@@ -61,6 +62,7 @@ export async function startVqServer(opts: VqServerOptions): Promise<RunningServe
   }
   log.info('VQ ready', { ms: Math.round(performance.now() - started), codebookSize: info.codebookSize });
   const pool = new WorkerPool(codecs, opts.queueLimit ?? DEFAULT_QUEUE_LIMIT, 'vq');
+  vqTelemetry().watchPool(pool);
   try {
     return await serve({
       address: opts.address,

@@ -11,6 +11,7 @@ import type {
   EncodeResponse,
   InfoResponse,
 } from '../../lib/rpc/vq-wire.js';
+import { vqTelemetry } from '../../lib/telemetry/vq.js';
 import type { VqCodec } from '../../lib/vq/codec.js';
 import { codesFromBytes, codesToBytes } from './codes.js';
 import { checkImage, decodeToPng, encodeImage, mapVqError, type VqModelInfo } from './pipeline.js';
@@ -52,7 +53,7 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
         let step = 'queued' as 'queued' | 'preprocessing' | 'model';
         let r: Awaited<ReturnType<typeof encodeImage>>;
         try {
-          r = await pool.run((codec, signal) => {
+          r = await vqTelemetry().run('encode', ctx.metadata, pool, (codec, signal) => {
             step = 'preprocessing';
             return encodeImage(codec, req.image, info, {
               signal,
@@ -91,7 +92,13 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
       }),
       Decode: unary(async (req: DecodeRequest, ctx): Promise<DecodeResponse> => {
         const codes = codesFromBytes(req.h, req.w, req.codes, info);
-        return pool.run((codec) => decodeToPng(codec, codes, req.h, req.w, info), ctx.signal);
+        return vqTelemetry().run(
+          'decode',
+          ctx.metadata,
+          pool,
+          (c) => decodeToPng(c, codes, req.h, req.w, info),
+          ctx.signal,
+        );
       }),
       Info: unary(
         async (): Promise<InfoResponse> => ({

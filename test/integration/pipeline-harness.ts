@@ -9,7 +9,7 @@ import { promisify } from 'node:util';
 import type * as grpc from '@grpc/grpc-js';
 import sharp from 'sharp';
 import { emu3Client } from '../../cli/chat.js';
-import { binPath, type RunningSystem, startSystem } from '../../cli/system.js';
+import { binPath, type RunningSystem, type SystemOptions, startSystem } from '../../cli/system.js';
 import { loadEmu3Config } from '../../lib/model/config.js';
 import { writeTinyEmu3 } from '../../lib/model/tiny.js';
 import { createClient, unaryCall } from '../../lib/rpc/client.js';
@@ -25,14 +25,19 @@ export interface Harness {
   close(): Promise<void>;
 }
 
-export async function startHarness(coordinatorArgs: string[] = [], shardArgs: string[] = []): Promise<Harness> {
+export async function startHarness(
+  coordinatorArgs: string[] = [],
+  shardArgs: string[] = [],
+  /** More system options (metrics endpoints, environment for the children). */
+  extra: Pick<SystemOptions, 'metrics' | 'env'> = {},
+): Promise<Harness> {
   const work = mkdtempSync(join(tmpdir(), 'emu3-pipeline-'));
   const modelDir = join(work, 'emu3-tiny');
   writeTinyEmu3(modelDir, { seed: 0, preset: 'tiny', dtype: 'f32', shards: 1 });
   await writeTokenizerFiles(modelDir);
   writeTinyVq(join(modelDir, 'vq'), { seed: 0, preset: 'tiny' });
   const system = await startSystem(
-    { modelDir, shards: 2, coordinatorArgs, shardArgs, logDir: join(work, 'logs') },
+    { modelDir, shards: 2, coordinatorArgs, shardArgs, logDir: join(work, 'logs'), ...extra },
     loadEmu3Config(modelDir),
   );
   const client = emu3Client(system.address);
