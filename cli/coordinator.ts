@@ -1,9 +1,7 @@
-// `emu3 coordinator`: the public service in front of a shard pipeline and a VQ service.
-import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable } from '../lib/rpc/serve.js';
-import { defaultLimits, type RequestLimits } from '../services/coordinator/request-validation.js';
 import { coordinatorTelemetry } from '../lib/telemetry/coordinator.js';
 import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
+import { defaultLimits, type RequestLimits } from '../services/coordinator/request-validation.js';
 import { startCoordinator } from '../services/coordinator/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';

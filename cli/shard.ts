@@ -1,7 +1,6 @@
 // `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
 
 import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
-import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
 import { shardTelemetry } from '../lib/telemetry/shard.js';

@@ -53,20 +53,26 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
         let step = 'queued' as 'queued' | 'preprocessing' | 'model';
         let r: Awaited<ReturnType<typeof encodeImage>>;
         try {
-          r = await vqTelemetry().run('encode', ctx.metadata, pool, (codec, signal) => {
-            step = 'preprocessing';
-            return encodeImage(codec, req.image, info, {
-              signal,
-              onModelStart: () => {
-                step = 'model';
-              },
-            }).finally(() => {
-              if (signal?.aborted && step === 'model')
-                ctx.log.info('abandoned encode finished', {
-                  busyMsAfterCancel: Math.round(performance.now() - cancelledAt),
-                });
-            });
-          }, ctx.signal);
+          r = await vqTelemetry().run(
+            'encode',
+            ctx.metadata,
+            pool,
+            (codec, signal) => {
+              step = 'preprocessing';
+              return encodeImage(codec, req.image, info, {
+                signal,
+                onModelStart: () => {
+                  step = 'model';
+                },
+              }).finally(() => {
+                if (signal?.aborted && step === 'model')
+                  ctx.log.info('abandoned encode finished', {
+                    busyMsAfterCancel: Math.round(performance.now() - cancelledAt),
+                  });
+              });
+            },
+            ctx.signal,
+          );
         } catch (err) {
           if (ctx.signal.aborted) {
             ctx.log.info('encode cancelled', { step, modelSkipped: step !== 'model', ...pool.cancelled });
