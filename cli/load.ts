@@ -17,15 +17,19 @@ const spec: CommandSpec = {
   flags: {
     addr: { help: 'coordinator address', default: '127.0.0.1:50051' },
     concurrency: { help: 'streams kept open at once (closed loop; default 1 unless --rate is given)' },
-    rate: { help: 'requests started per second, whatever the answers do (open loop)' },
+    rate: {
+      help: 'requests started per second, whatever the answers do (open loop; default: none, a fixed --concurrency is used)',
+    },
     'max-in-flight': {
       help: 'with --rate: most open streams; a start due beyond it is not sent (counted as NOT_SENT)',
       default: '256',
     },
     requests: { help: 'requests to start in all (default 100 unless --duration is given)' },
-    duration: { help: 'seconds during which requests are started; open streams then finish' },
+    duration: {
+      help: 'seconds during which requests are started; open streams then finish (default: none, --requests counts)',
+    },
     text: { help: 'the prompt text', default: 'Describe the scene in detail.' },
-    image: { help: 'an image file to send before the text (repeatable)', repeatable: true },
+    image: { help: 'an image file to send before the text (repeatable; default: none, text only)', repeatable: true },
     unique: {
       boolean: true,
       help: 'make every prompt different (appends the request number), defeating the prefix cache',
@@ -33,7 +37,7 @@ const spec: CommandSpec = {
     'max-new-tokens': { help: 'tokens per answer', default: '32' },
     'ignore-eos': { boolean: true, help: 'generate max-new-tokens whatever the model says (fixed-length answers)' },
     temperature: { help: 'sampling temperature (default: greedy)' },
-    seed: { help: 'sampling seed' },
+    seed: { help: 'sampling seed (default: the server chooses one)' },
     'deadline-ms': { help: 'deadline of each request', default: '120000' },
     format: { help: 'table or json (the summary as one JSON object on stdout)', default: 'table' },
   },
