@@ -2,7 +2,7 @@
 // .ci/run's offline-safe settings), the non-root USER, PID 1 and its signal handling, the GPU environment, and that
 // every COPY source exists in the repository and is not excluded from the build context by .dockerignore.
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { protoRoot } from '../../lib/rpc/proto.js';
@@ -101,4 +101,29 @@ test('the build stage compiles what the runtime runs: bin/emu3.js loads dist/cli
   assert.match(bin, /'dist', 'cli', 'main\.js'/);
   const buildCopies = stages[0].instructions.filter((i) => i.keyword === 'COPY').flatMap((i) => copyOf(i).sources);
   for (const dir of ['lib', 'services', 'cli', 'proto', 'tsconfig.json']) assert.ok(buildCopies.includes(dir), dir);
+});
+
+test('the runtime needs no dev dependency: every package the compiled code imports is in "dependencies"', () => {
+  const pkg = JSON.parse(readFileSync(join(repo, 'package.json'), 'utf8'));
+  const deps = new Set(Object.keys(pkg.dependencies));
+  const dirs = stages[0].instructions
+    .filter((i) => i.keyword === 'COPY')
+    .flatMap((i) => copyOf(i).sources)
+    .filter((s) => statSync(join(repo, s)).isDirectory() && s !== 'proto');
+  assert.deepEqual(dirs.sort(), ['cli', 'lib', 'services']);
+  const imported = new Set<string>();
+  for (const dir of dirs)
+    for (const f of readdirSync(join(repo, dir), { recursive: true, encoding: 'utf8' }).filter((p) =>
+      p.endsWith('.ts'),
+    ))
+      for (const m of readFileSync(join(repo, dir, f), 'utf8').matchAll(
+        /^\s*(?:import|export)\b[^;]*?\bfrom\s+'([^']+)'|\bimport\('([^']+)'\)/gm,
+      ))
+        if (!(m[1] ?? m[2]).startsWith('.')) imported.add(m[1] ?? m[2]);
+  assert.ok(imported.has('onnxruntime-node') && imported.has('@grpc/grpc-js'), 'the scan sees the imports');
+  for (const spec of imported) {
+    if (spec.startsWith('node:')) continue;
+    const name = spec.startsWith('@') ? spec.split('/').slice(0, 2).join('/') : spec.split('/')[0];
+    assert.ok(deps.has(name), `${spec}: ${name} must be a dependency (npm ci --omit=dev leaves dev dependencies out)`);
+  }
 });
