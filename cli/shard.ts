@@ -1,5 +1,6 @@
 // `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
 
+import { loadEmu3Config } from '../lib/model/config.js';
 import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
@@ -8,15 +9,19 @@ import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/ca
 import { DEFAULT_LEASE_MS, startShardServer } from '../services/shard/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
+import { chooseLayers } from './shard-layers.js';
 
 const spec: CommandSpec = {
   name: 'shard',
   summary: 'serve decoder layers [A, B) of a model as one pipeline stage (emu3.internal.v1.Shard)',
-  usage: 'emu3 shard --model DIR --layers A-B --listen HOST:PORT [--next HOST:PORT] [flags]',
+  usage:
+    'emu3 shard --model DIR (--layers A-B | --stage-index I --stages N) --listen HOST:PORT [--next HOST:PORT] [flags]',
   flags: {
     ...TELEMETRY_FLAGS,
     model: { help: 'model directory (config.json, safetensors, tokenizer files), required' },
-    layers: { help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16), required' },
+    layers: { help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16); or --stage-index with --stages' },
+    'stage-index': { help: 'this stage, 0-based, of --stages: serves the layers `emu3 up` gives that stage' },
+    stages: { help: 'pipeline stages, with --stage-index (layers split by weight per token, as `emu3 up` does)' },
     listen: {
       help: 'address to serve on, host:port (port 0 picks a free one; the "listening" log line says which)',
       default: '127.0.0.1:50061',
@@ -69,9 +74,18 @@ export const command: Command = {
       registry: () => shardTelemetry().registry,
     });
     const log = telemetry.log;
-    const layers = parseLayers(flags.required('layers'));
+    const modelDir = flags.required('model');
+    const layerFlag = flags.string('layers');
+    const layers = chooseLayers(
+      {
+        layers: layerFlag === undefined ? undefined : parseLayers(layerFlag),
+        stageIndex: flags.int('stage-index', 0),
+        stages: flags.int('stages', 1),
+      },
+      () => loadEmu3Config(modelDir),
+    );
     const running = await startShardServer({
-      modelDir: flags.required('model'),
+      modelDir,
       layers,
       address: flags.required('listen'),
       next: flags.string('next'),
