@@ -1,7 +1,7 @@
 // `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
 
 import { loadEmu3Config } from '../lib/model/config.js';
-import { PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
+import { DEVICES, PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
 import { shardTelemetry } from '../lib/telemetry/shard.js';
@@ -19,15 +19,25 @@ const spec: CommandSpec = {
   flags: {
     ...TELEMETRY_FLAGS,
     model: { help: 'model directory (config.json, safetensors, tokenizer files), required' },
-    layers: { help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16); or --stage-index with --stages' },
-    'stage-index': { help: 'this stage, 0-based, of --stages: serves the layers `emu3 up` gives that stage' },
-    stages: { help: 'pipeline stages, with --stage-index (layers split by weight per token, as `emu3 up` does)' },
+    layers: {
+      help: 'decoder layers A-B served here: [A, B), B exclusive (e.g. 0-16); one of --layers or --stage-index with --stages is required',
+    },
+    'stage-index': {
+      help: 'this stage, 0-based, of --stages: serves the layers `emu3 up` gives that stage (default: none, use --layers)',
+    },
+    stages: {
+      help: 'pipeline stages, with --stage-index (layers split by weight per token, as `emu3 up` does; default: none)',
+    },
     listen: {
       help: 'address to serve on, host:port (port 0 picks a free one; the "listening" log line says which)',
       default: '127.0.0.1:50061',
     },
     next: { help: 'address of the next stage; required unless B is the last layer, refused if it is' },
     precision: { help: 'weight precision: fp32 or int4 (MatMulNBits, block 32)', default: 'fp32' },
+    device: {
+      help: 'where ORT runs the stage: cpu, webgpu (ONNX Runtime WebGPU over Vulkan; docs/gpu.md) or cuda (needs ORT CUDA libraries)',
+      default: 'cpu',
+    },
     'kv-budget': {
       help: "bytes for this stage's KV arena; slots = min(--max-slots, budget ÷ (slot tokens × bytes per token))",
       default: String(DEFAULT_KV_BUDGET_BYTES),
@@ -90,6 +100,7 @@ export const command: Command = {
       address: flags.required('listen'),
       next: flags.string('next'),
       precision: flags.oneOf('precision', PRECISIONS) ?? ('fp32' as Precision),
+      device: flags.oneOf('device', DEVICES) ?? 'cpu',
       kvBudgetBytes: flags.int('kv-budget', 1),
       maxSlots: flags.int('max-slots', 1, 1_000_000),
       slotTokens: flags.int('slot-tokens', 1),

@@ -3,7 +3,7 @@
 // numbers are in range, and extra child flags look like flags.
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { PRECISIONS } from '../lib/onnx/stage-graph.js';
+import { DEVICES, PRECISIONS } from '../lib/onnx/stage-graph.js';
 import { parseAddress } from '../lib/rpc/serve.js';
 import { type CommandSpec, type Flags, UsageError } from './args.js';
 import { DEFAULT_RESTART_POLICY, type RestartPolicy } from './restart-policy.js';
@@ -31,6 +31,7 @@ export const upSpec: CommandSpec = {
       default: '127.0.0.1:8000',
     },
     precision: { help: `shard weight precision: ${PRECISIONS.join(' or ')}`, default: 'fp32' },
+    device: { help: `where the shards run: ${DEVICES.join(', ')} (emu3 shard --device; docs/gpu.md)`, default: 'cpu' },
     'log-dir': { help: 'write each process log to DIR/<name>.log (default: logs are kept in memory only)' },
     'ready-timeout-ms': { help: 'how long each process may take to become healthy', default: '300000' },
     'drain-timeout-ms': {
@@ -121,6 +122,7 @@ export function upOptions(flags: Flags): UpOptions {
   if (vqDir === undefined && hasConfig && !existsSync(join(modelDir, 'vq', 'config.json')))
     throw new UsageError(`up: ${join(modelDir, 'vq')}: no config.json there (give the VQ directory with --vq DIR)`);
   const precision = flags.oneOf('precision', PRECISIONS)!;
+  const device = flags.oneOf('device', DEVICES)!;
   const restart: RestartPolicy = {
     maxRestarts: flags.int('max-restarts', 0, 1000)!,
     windowMs: flags.int('restart-window-ms', 1, DAY_MS)!,
@@ -142,7 +144,7 @@ export function upOptions(flags: Flags): UpOptions {
     drainTimeoutMs: flags.int('drain-timeout-ms', 0, DAY_MS)!,
     restart,
     coordinatorArgs: extraFlags(flags, 'coordinator-arg'),
-    shardArgs: extraFlags(flags, 'shard-arg'),
+    shardArgs: [...(device === 'cpu' ? [] : ['--device', device]), ...extraFlags(flags, 'shard-arg')],
     metrics: !flags.bool('no-metrics'),
   };
 }

@@ -36,11 +36,15 @@ export function resolveCacheDir(modelDir: string, explicit?: string): string {
 }
 
 export function stageCacheKey(fingerprint: string, spec: StageSpec): string {
+  // A CPU graph's key is what it was before devices existed, so existing caches stay valid.
+  const device = spec.device && spec.device !== 'cpu' ? spec.device : '';
   const hash = createHash('sha256')
-    .update(`${fingerprint}\0${spec.first}\0${spec.end}\0${spec.precision}\0v${STAGE_GRAPH_VERSION}`)
+    .update(
+      `${fingerprint}\0${spec.first}\0${spec.end}\0${spec.precision}\0v${STAGE_GRAPH_VERSION}${device ? `\0${device}` : ''}`,
+    )
     .digest('hex')
     .slice(0, 16);
-  return `stage-${spec.first}-${spec.end}-${spec.precision}-${hash}`;
+  return `stage-${spec.first}-${spec.end}-${spec.precision}${device ? `-${device}` : ''}-${hash}`;
 }
 
 /** Returns the cached graph of the stage, building it first if the cache has none. */

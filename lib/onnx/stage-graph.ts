@@ -38,18 +38,32 @@ import { addSamplingHead } from './sampling-head.js';
 export type Precision = 'fp32' | 'int4';
 export const PRECISIONS: readonly Precision[] = ['fp32', 'int4'];
 
+/**
+ * Where a stage's ORT session runs: the CPU; ONNX Runtime's WebGPU execution provider (Dawn over Vulkan), which the
+ * npm package contains; or its CUDA provider, which it does not (its libraries are a separate download).
+ */
+export type Device = 'cpu' | 'webgpu' | 'cuda';
+export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
+
 /** Every precision and op choice of the graph, decided in one place. */
 interface LinearPlan {
   kind: 'fp32' | 'int4';
   scheme: Int4Scheme;
   /** MatMulNBits accuracy_level: 4 = int8 compute, the fast CPU path (measured fastest here). */
   accuracyLevel: number;
+  /**
+   * Attention scores q·kᵀ·scale as com.microsoft FusedMatMul (transB, alpha: one CPU kernel, measured fastest
+   * here), or as Transpose + MatMul + Mul, which ORT's WebGPU provider runs (it has no FusedMatMul kernel: those
+   * nodes fell back to the CPU, with a copy of q and K across the bus each).
+   */
+  fusedScores: boolean;
 }
 
-function linearPlan(precision: Precision): LinearPlan {
+function linearPlan(precision: Precision, device: Device): LinearPlan {
+  const fusedScores = device !== 'webgpu';
   return precision === 'int4'
-    ? { kind: 'int4', scheme: 'asymmetric', accuracyLevel: 4 }
-    : { kind: 'fp32', scheme: 'asymmetric', accuracyLevel: 0 };
+    ? { kind: 'int4', scheme: 'asymmetric', accuracyLevel: 4, fusedScores }
+    : { kind: 'fp32', scheme: 'asymmetric', accuracyLevel: 0, fusedScores };
 }
 
 export interface StageSpec {
@@ -57,6 +71,8 @@ export interface StageSpec {
   /** Exclusive. */
   end: number;
   precision: Precision;
+  /** Default cpu. The graph differs per device only where a device lacks a kernel. */
+  device?: Device;
 }
 
 export interface StageShape {
@@ -138,6 +154,8 @@ export function checkStageSpec(config: Emu3Config, spec: StageSpec): void {
   }
   if (!PRECISIONS.includes(spec.precision))
     throw new Error(`precision "${spec.precision}" is not one of ${PRECISIONS.join('|')}`);
+  if (spec.device !== undefined && !DEVICES.includes(spec.device))
+    throw new Error(`device "${spec.device}" is not one of ${DEVICES.join('|')}`);
 }
 
 /** Adds the whole stage to `g` (the caller saves it). Reads and writes one tensor at a time. */
@@ -165,7 +183,7 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     g,
     ckpt,
     c,
-    plan: linearPlan(spec.precision),
+    plan: linearPlan(spec.precision, spec.device ?? 'cpu'),
     positions,
     cos,
     sin,
@@ -308,9 +326,18 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
     );
   const kPast = arena(io.pastKey(layer, branch));
   const vPast = arena(io.pastValue(layer, branch));
-  const scale = { float: 1 / Math.sqrt(d) };
+  const scale = 1 / Math.sqrt(d);
   const scores = (x: string, name: string) =>
-    g.op('FusedMatMul', [q4, x], `${p}.${name}`, { alpha: scale, transA: 0, transB: 1 }, MS);
+    ctx.plan.fusedScores
+      ? g.op('FusedMatMul', [q4, x], `${p}.${name}`, { alpha: { float: scale }, transA: 0, transB: 1 }, MS)
+      : g.op(
+          'Mul',
+          [
+            g.op('MatMul', [q4, g.op('Transpose', [x], `${p}.${name}_kt`, { perm: [0, 1, 3, 2] })], `${p}.${name}_qk`),
+            g.constFloat(`${p}.${name}_scale`, [scale], []),
+          ],
+          `${p}.${name}`,
+        );
   const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask(branch)], `${p}.scores_past_masked`);
   // A decode row's one new key is its own position: always visible, no mask.
   const sNew =

@@ -37,6 +37,7 @@ export interface ShardInfo {
   max_top_k: number;
   lease_ms: number;
   epoch: number;
+  device: string;
 }
 
 export interface KvCopy {

@@ -11,7 +11,7 @@
 // caller's Float32Array is detached by the call (see forward).
 import { Worker } from 'node:worker_threads';
 import type { SamplingRow } from '../onnx/sampling-head.js';
-import type { Precision, StageShape } from '../onnx/stage-graph.js';
+import type { Device, Precision, StageShape } from '../onnx/stage-graph.js';
 import {
   type ForwardInput,
   type ForwardItem,
@@ -31,6 +31,8 @@ export interface StageRuntimeOptions {
   /** [first, end): end is exclusive. */
   layers: [number, number];
   precision: Precision;
+  /** Where ORT runs the stage (default cpu). */
+  device?: Device;
   maxSequences: number;
   maxSequenceLength: number;
   cacheDir?: string;

@@ -19,18 +19,13 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
   try {
     cached = ensureStageGraph(
       ckpt,
-      { first: init.layers[0], end: init.layers[1], precision: init.precision },
+      { first: init.layers[0], end: init.layers[1], precision: init.precision, device: init.device },
       { cacheDir: init.cacheDir, log },
     );
   } finally {
     ckpt.close();
   }
-  const session = await ort.InferenceSession.create(cached.onnxPath, {
-    intraOpNumThreads: init.threads ?? availableParallelism(),
-    interOpNumThreads: 1,
-    graphOptimizationLevel: 'all',
-    ...(init.spin === false ? { extra: { session: { intra_op: { allow_spinning: '0' } } } } : {}),
-  });
+  const session = await createSession(cached.onnxPath, init);
   const executor = new StageExecutor(session, cached.shape, init.maxSequences, init.maxSequenceLength);
   post({
     type: 'ready',
@@ -43,6 +38,35 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
     },
   });
   return executor;
+}
+
+/** The stage's ORT session on its device; a device that cannot be opened is an error saying what to install. */
+async function createSession(onnxPath: string, init: WorkerInit): Promise<ort.InferenceSession> {
+  const device = init.device ?? 'cpu';
+  const options: ort.InferenceSession.SessionOptions = {
+    executionProviders: [device],
+    intraOpNumThreads: init.threads ?? availableParallelism(),
+    interOpNumThreads: 1,
+    graphOptimizationLevel: 'all',
+    ...(init.spin === false ? { extra: { session: { intra_op: { allow_spinning: '0' } } } } : {}),
+  };
+  try {
+    return await ort.InferenceSession.create(onnxPath, options);
+  } catch (err) {
+    if (device === 'cpu') throw err;
+    if (device === 'cuda')
+      throw new Error(
+        `device cuda: onnxruntime could not open it (${(err as Error).message}). onnxruntime-node's CUDA provider ` +
+          'libraries are not part of the npm package (its install script downloads them, which this project skips ' +
+          'so that installs work offline): install them as docs/gpu.md says, or use --device webgpu',
+      );
+    throw new Error(
+      `device ${device}: onnxruntime could not open it (${(err as Error).message}). The webgpu device needs a Vulkan ` +
+        "driver: the GPU vendor's (NVIDIA: a driver with Vulkan, and in containers NVIDIA_DRIVER_CAPABILITIES with " +
+        '"graphics"), or Mesa\'s software device (Debian: mesa-vulkan-drivers ≥ 24 from bookworm-backports, with ' +
+        'libvulkan1); `vulkaninfo --summary` should list a device (docs/gpu.md)',
+    );
+  }
 }
 
 /** The output's buffers, each once (ORT's outputs own theirs), so the reply moves them instead of copying. */

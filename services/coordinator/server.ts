@@ -231,6 +231,7 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
             layerBegin: s.info.layer_begin,
             layerEnd: s.info.layer_end,
             precision: s.info.precision,
+            device: s.info.device,
           })),
           bosTokenId: t.roles.bos,
           eosTokenId: t.roles.eos,

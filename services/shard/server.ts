@@ -3,7 +3,7 @@
 // Forward streams finish what they queued and end, the links close, the worker stops.
 import { Checkpoint } from '../../lib/model/checkpoint.js';
 import { loadEmu3Config } from '../../lib/model/config.js';
-import { checkStageSpec, type Precision } from '../../lib/onnx/stage-graph.js';
+import { checkStageSpec, type Device, type Precision } from '../../lib/onnx/stage-graph.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { type RunningServer, serve } from '../../lib/rpc/serve.js';
 import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
@@ -28,6 +28,8 @@ export interface ShardServerOptions {
   /** The next stage's address; required for every stage but the last. */
   next?: string;
   precision: Precision;
+  /** Where ORT runs the stage (default cpu). */
+  device?: Device;
   kvBudgetBytes?: number;
   maxSlots?: number;
   slotTokens?: number;
@@ -54,7 +56,8 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   const { log, modelDir } = opts;
   const [first, end] = opts.layers;
   const config = loadEmu3Config(modelDir);
-  checkStageSpec(config, { first, end, precision: opts.precision });
+  const device = opts.device ?? 'cpu';
+  checkStageSpec(config, { first, end, precision: opts.precision, device });
   const isLast = end === config.numHiddenLayers;
   if (!isLast && !opts.next)
     throw new Error(`--next is required: layers [${first}, ${end}) end before layer ${config.numHiddenLayers}`);
@@ -78,12 +81,13 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     maxSlots: opts.maxSlots ?? DEFAULT_MAX_SLOTS,
     slotTokens: opts.slotTokens,
   });
-  log.info('loading stage', { modelDir, layers: [first, end], precision: opts.precision, ...capacity });
+  log.info('loading stage', { modelDir, layers: [first, end], precision: opts.precision, device, ...capacity });
   const started = performance.now();
   const runtime = await StageRuntime.open({
     modelDir,
     layers: [first, end],
     precision: opts.precision,
+    device,
     maxSequences: capacity.slots,
     maxSequenceLength: capacity.slotTokens,
     cacheDir: opts.cacheDir,
@@ -115,6 +119,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     runtime,
     {
       precision: opts.precision,
+      device,
       fingerprint,
       numLayers: config.numHiddenLayers,
       capacity,

@@ -41,6 +41,8 @@ import { type BatchPlan, planBatch, planKvCommand, type StageLimits, samplingRow
 
 export interface ShardDescription {
   precision: string;
+  /** Where ORT runs the stage: cpu, webgpu or cuda. */
+  device: string;
   fingerprint: string;
   numLayers: number;
   capacity: KvCapacity;
@@ -172,6 +174,7 @@ export class ShardService {
       is_first: this.runtime.isFirst,
       is_last: this.runtime.isLast,
       precision: this.about.precision,
+      device: this.about.device,
       model_fingerprint: this.about.fingerprint,
       hidden_size: this.runtime.hiddenSize,
       vocab_size: this.runtime.vocabSize,

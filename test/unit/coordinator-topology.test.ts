@@ -27,6 +27,7 @@ function info(begin: number, end: number, over: Partial<ShardInfo> = {}): ShardI
     max_top_k: 2048,
     lease_ms: 10_000,
     epoch: 0,
+    device: 'cpu',
     ...over,
   };
 }
