@@ -32,8 +32,8 @@ const spec: CommandSpec = {
     'auth-token-file': {
       help: 'file of API keys (one a line, re-read on change): every route but /health needs "Authorization: Bearer <key>"; the first key (or $EMU3_AUTH_TOKEN) is also sent to the coordinator (default: none, no auth)',
     },
-    'tls-cert': { help: 'PEM certificate: serve HTTPS (default: HTTP)' },
-    'tls-key': { help: 'PEM private key of --tls-cert' },
+    'tls-cert': { help: 'PEM certificate: serve HTTPS (default: none, HTTP)' },
+    'tls-key': { help: 'PEM private key of --tls-cert (default: none)' },
     'tls-ca': { help: "PEM CA to check the coordinator's TLS certificate against (default: plaintext gRPC)" },
   },
 };

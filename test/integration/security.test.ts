@@ -288,10 +288,38 @@ function deliverNothing(address: string, creds?: ClientCredentials): Promise<unk
   }).finally(() => c.close());
 }
 
-/** The measured poisoning: frees of every slot (the cached prompt's among them) sent to the last shard. */
+/** Poisoning the last shard's cached prompts: frees of every slot (the cached prompt's among them). */
 function poison(info: ShardInfo): ForwardRequest[] {
   const slots = Array.from({ length: info.kv_slots }, (_, i) => i);
   return [{ kv: { free_slots: slots, copies: [] }, epoch: info.epoch }];
+}
+
+/**
+ * The measured message: a micro-batch rewriting positions 3.. of every slot with junk hidden states (each slot's
+ * first 3 positions copied from the next slot), replying to the real ResultSink.
+ */
+function overwrite(info: ShardInfo): ForwardRequest {
+  const n = info.kv_slots;
+  const d = info.hidden_size;
+  return {
+    epoch: info.epoch,
+    batch: {
+      micro_batch_id: 4242,
+      items: Array.from({ length: n }, (_, s) => ({
+        sequence_id: 9000 + s,
+        slot: s,
+        start_position: 3,
+        token_count: 1,
+        sample: false,
+        copy_prefix: { from_slot: (s + 1) % n, length: 3 },
+      })),
+      token_ids: [],
+      hidden_states: { data: Buffer.alloc(n * d * 4, 0x41), dtype: 'DTYPE_FLOAT32', shape: [n, d] },
+      sampling: [],
+      reply_to: h.system.sinkAddress,
+      traceparent: '',
+    },
+  };
 }
 
 test("a stranger's crafted Forward to the last shard changes nobody's answer", T, async () => {
@@ -309,10 +337,11 @@ test("a stranger's crafted Forward to the last shard changes nobody's answer", T
     const info = await lastInfo();
     assert.ok(info.kv_tokens_in_use > 0, 'the last shard holds the cached prompt');
     // The stranger knows the epoch and the slot count (as the measured attack did) but not the secret.
-    for (const creds of [undefined, { token: () => WRONG }]) {
-      const s = await statusOf(forward(last, poison(info), creds));
-      assert.equal(s.code, grpc.status.UNAUTHENTICATED, s.details);
-    }
+    for (const creds of [undefined, { token: () => WRONG }])
+      for (const message of [overwrite(info), ...poison(info)]) {
+        const s = await statusOf(forward(last, [message], creds));
+        assert.equal(s.code, grpc.status.UNAUTHENTICATED, s.details);
+      }
     const after = await lastInfo();
     assert.equal(after.kv_tokens_in_use, info.kv_tokens_in_use, 'nothing was freed');
     const again = await generate(client, ask).done;
