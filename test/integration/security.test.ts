@@ -295,8 +295,9 @@ function poison(info: ShardInfo): ForwardRequest[] {
 }
 
 /**
- * The measured message: a micro-batch rewriting positions 3.. of every slot with junk hidden states (each slot's
- * first 3 positions copied from the next slot), replying to the real ResultSink.
+ * A micro-batch of the kind the measured attack sent: it rewrites position 3 of every slot with junk hidden states
+ * (each slot's first 3 positions copied from the next slot, where that one holds them), replying to the real
+ * ResultSink.
  */
 function overwrite(info: ShardInfo): ForwardRequest {
   const n = info.kv_slots;
