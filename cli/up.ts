@@ -184,6 +184,8 @@ export const command: Command = {
       ...(pki ? [`--tls-ca ${pki.tls.ca}`] : []),
     ].join(' ');
     const bearer = opts.authTokenFile ? ` -H "authorization: Bearer $(head -n1 ${opts.authTokenFile})"` : '';
+    // buf curl sends -H headers on its reflection calls only when told to; reflection needs the token too.
+    const bufBearer = bearer ? `${bearer} --reflect-header '*'` : '';
     const buf = pki ? `--cacert ${pki.tls.ca}` : '--http2-prior-knowledge';
     const scheme = pki ? 'https' : 'http';
     const curlCa = pki ? ` --cacert ${pki.tls.ca}` : '';
@@ -197,8 +199,8 @@ export const command: Command = {
         '',
         'try:',
         `  npx emu3 chat --addr ${addr}${chatCreds ? ` ${chatCreds}` : ''} --image ${sampleImage()} "Describe the image."`,
-        `  npx buf curl --protocol grpc${bearer} -d '{"parts":[{"text":"Hello!"}],"sampling":{"maxNewTokens":16}}' ${buf} ${scheme}://${addr}/emu3.v1.Emu3/Generate`,
-        `  npx buf curl --protocol grpc${bearer} ${buf} ${scheme}://${addr}/emu3.v1.Emu3/GetModelInfo`,
+        `  npx buf curl --protocol grpc ${buf}${bufBearer} -d '{"parts":[{"text":"Hello!"}],"sampling":{"maxNewTokens":16}}' ${scheme}://${addr}/emu3.v1.Emu3/Generate`,
+        `  npx buf curl --protocol grpc ${buf}${bufBearer} ${scheme}://${addr}/emu3.v1.Emu3/GetModelInfo`,
         ...(gateway
           ? [
               `  curl${curlCa} ${gateway.baseUrl}/chat/completions${bearer} -H 'content-type: application/json' -d '{"model":"${basename(opts.modelDir)}","messages":[{"role":"user","content":"Hello!"}],"max_tokens":16}'`,
