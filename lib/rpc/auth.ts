@@ -126,11 +126,27 @@ export function refusal(policy: AuthPolicy, path: string, header: unknown): Refu
   return null;
 }
 
+/** At most one `call refused` line per this many ms; the ones left out are counted in the next. */
+export const REFUSAL_LOG_INTERVAL_MS = 1000;
+
 /**
  * A server interceptor that refuses every call the policy does not let through before its handler starts: the
- * handler never runs and no message of the call is read. Refusals are logged with the method and the peer only.
+ * handler never runs and no message of the call is read. Refusals are logged with the method and the peer only,
+ * at most one line a second (a flood of strangers does not flood the log).
  */
 export function authInterceptor(policy: AuthPolicy, log: Logger): grpc.ServerInterceptor {
+  let loggedAt = Number.NEGATIVE_INFINITY;
+  let unlogged = 0;
+  const logRefusal = (path: string, peer: string, why: string) => {
+    const now = performance.now();
+    if (now - loggedAt < REFUSAL_LOG_INTERVAL_MS) {
+      unlogged++;
+      return;
+    }
+    log.warn('call refused', { method: path, peer, why, ...(unlogged > 0 ? { refusedSinceLastLine: unlogged } : {}) });
+    loggedAt = now;
+    unlogged = 0;
+  };
   return (method, call) =>
     new grpc.ServerInterceptingCall(call, {
       start: (next) => {
@@ -138,7 +154,7 @@ export function authInterceptor(policy: AuthPolicy, log: Logger): grpc.ServerInt
           onReceiveMetadata: (metadata, pass) => {
             const denied = refusal(policy, method.path, metadata.get('authorization')[0]);
             if (!denied) return pass(metadata);
-            log.warn('call refused', { method: method.path, peer: call.getPeer(), why: denied.details });
+            logRefusal(method.path, call.getPeer(), denied.details);
             call.sendStatus({ code: denied.code, details: denied.details, metadata: new grpc.Metadata() });
           },
         });

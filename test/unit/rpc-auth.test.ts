@@ -112,10 +112,11 @@ const ECHO_PROTO = join(dirname(protoRoot()), 'test', 'fixtures', 'rpc', 'echo.p
 const ECHO_SERVICE = 'emu3.test.v1.Echo';
 
 test(
-  'serve() with an auth policy: no handler runs for a refused call (unary, server stream, bidi); health is open',
+  'serve() with an auth policy: no handler runs for a refused call (unary, server stream, bidi); health is open; refusals are logged at most once a second',
   { timeout: 30_000 },
   async () => {
-    const log = createLogger('test', { level: 'error' });
+    const lines: { msg: string; why?: string }[] = [];
+    const log = createLogger('test', { level: 'warn', write: (l) => lines.push(JSON.parse(l)) });
     let handled = 0;
     const running = await serve({
       address: '127.0.0.1:0',
@@ -179,6 +180,10 @@ test(
       assert.deepEqual(await run(undefined), [U, U, U]);
       assert.deepEqual(await run({ token: () => 'wrong' }), [U, U, U]);
       assert.equal(handled, 0, 'no handler ran for a refused call');
+      // Six refusals within a moment: one log line (throttled), naming no token.
+      const refused = lines.filter((l) => l.msg === 'call refused');
+      assert.ok(refused.length >= 1 && refused.length <= 2, `${refused.length} lines`);
+      assert.ok(!JSON.stringify(lines).includes('wrong'));
       assert.deepEqual(await run({ token: () => 'right' }), [0, 0, 0]);
       assert.equal(handled, 3);
       const health = createClient(HEALTH_PROTO, HEALTH_SERVICE, running.address);
