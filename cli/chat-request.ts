@@ -2,6 +2,7 @@
 // call), the summary line printed at the end, and the words for a failed call. Pure: no I/O.
 import type { CommandSpec, Flags } from './args.js';
 import { UsageError } from './args.js';
+import { CLIENT_AUTH_FLAGS } from './security-flags.js';
 
 export const chatSpec: CommandSpec = {
   name: 'chat',
@@ -9,6 +10,7 @@ export const chatSpec: CommandSpec = {
   usage: 'emu3 chat [--addr HOST:PORT] [--image FILE]... [sampling flags] "text"',
   flags: {
     addr: { help: 'coordinator address', default: '127.0.0.1:50051' },
+    ...CLIENT_AUTH_FLAGS,
     image: {
       help: 'an image file to ask about (repeatable; images come before the text; default: none)',
       repeatable: true,
@@ -135,5 +137,7 @@ export function explainError(code: string, details: string, address: string): st
     const last = /Last error: (.*)$/.exec(clean)?.[1];
     return `nothing answers at ${address}: is \`npm start\` (emu3 up) running?${last ? ` (${last.replace(/\.$/, '')})` : ''}`;
   }
+  if (code === 'UNAUTHENTICATED')
+    return `${code}: ${clean} (set EMU3_AUTH_TOKEN or give --auth-token-file FILE: the coordinator runs with --auth-token-file)`;
   return `${code}: ${clean}`;
 }

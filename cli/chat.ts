@@ -4,10 +4,12 @@ import { readFileSync } from 'node:fs';
 import { extname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import { type ClientCredentials, clientSecurity } from '../lib/rpc/client.js';
 import { protoRoot } from '../lib/rpc/proto.js';
 import { UsageError } from './args.js';
 import { chatRequest, chatSpec, explainError, type FinalLike, summaryLine } from './chat-request.js';
 import type { Command } from './main.js';
+import { clientAuthFlags } from './security-flags.js';
 
 const MIME: Record<string, string> = {
   '.png': 'image/png',
@@ -30,7 +32,11 @@ interface TopLogprob {
   logprob: number;
 }
 
-export function emu3Client(address: string, channelOptions: grpc.ChannelOptions = {}): grpc.Client {
+export function emu3Client(
+  address: string,
+  channelOptions: grpc.ChannelOptions = {},
+  credentials?: ClientCredentials,
+): grpc.Client {
   const root = protoRoot();
   const pkg = protoLoader.loadSync(join(root, 'emu3/v1/emu3.proto'), {
     keepCase: false,
@@ -42,10 +48,12 @@ export function emu3Client(address: string, channelOptions: grpc.ChannelOptions 
   });
   const v1 = (grpc.loadPackageDefinition(pkg).emu3 as grpc.GrpcObject).v1 as grpc.GrpcObject;
   const Emu3 = v1.Emu3 as grpc.ServiceClientConstructor;
-  return new Emu3(address, grpc.credentials.createInsecure(), {
+  const security = clientSecurity(credentials);
+  return new Emu3(address, security.channel, {
     'grpc.max_send_message_length': 128 * 1024 * 1024,
     'grpc.max_receive_message_length': 128 * 1024 * 1024,
     ...channelOptions,
+    ...security.options,
   });
 }
 
@@ -66,7 +74,7 @@ export const command: Command = {
     const deadlineMs = flags.int('deadline-ms', 1);
     const quiet = flags.bool('quiet');
     const address = flags.required('addr');
-    const client = emu3Client(address);
+    const client = emu3Client(address, {}, clientAuthFlags(flags, 'chat'));
     const call = (
       client as unknown as {
         Generate: (req: unknown, opts: grpc.CallOptions) => grpc.ClientReadableStream<GenerateResponse>;

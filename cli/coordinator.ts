@@ -5,6 +5,7 @@ import { defaultLimits, type RequestLimits } from '../services/coordinator/reque
 import { startCoordinator } from '../services/coordinator/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
+import { AUTH_TOKEN_FLAG, authTokenFlag, INTERNAL_SECURITY_FLAGS, internalSecurityFlags } from './security-flags.js';
 
 const spec: CommandSpec = {
   name: 'coordinator',
@@ -62,6 +63,8 @@ const spec: CommandSpec = {
       help: 'times one request is prefilled again after a stage lost its KV before it fails with UNAVAILABLE',
       default: '3',
     },
+    ...AUTH_TOKEN_FLAG,
+    ...INTERNAL_SECURITY_FLAGS,
   },
 };
 
@@ -90,7 +93,11 @@ export const command: Command = {
       logFormat: flags.string('log-format'),
       registry: () => coordinatorTelemetry().registry,
     });
+    const security = internalSecurityFlags(flags, 'coordinator', telemetry.log);
+    const publicAuth = authTokenFlag(flags, 'coordinator', telemetry.log);
     const coordinator = await startCoordinator({
+      security,
+      publicAuth,
       modelDir: flags.required('model'),
       shards,
       vq: flags.required('vq'),

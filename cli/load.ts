@@ -8,6 +8,7 @@ import { formatSummary, LoadStats, type LoadSummary, type StreamTimings } from '
 import { type CommandSpec, type Flags, UsageError } from './args.js';
 import { emu3Client } from './chat.js';
 import type { Command } from './main.js';
+import { CLIENT_AUTH_FLAGS, clientAuthFlags } from './security-flags.js';
 
 const spec: CommandSpec = {
   name: 'load',
@@ -16,6 +17,7 @@ const spec: CommandSpec = {
     'emu3 load [--addr HOST:PORT] [--concurrency N | --rate R] [--requests N] [--duration S] [--image FILE]... [--text T] [--format table|json]',
   flags: {
     addr: { help: 'coordinator address', default: '127.0.0.1:50051' },
+    ...CLIENT_AUTH_FLAGS,
     concurrency: { help: 'streams kept open at once (closed loop; default 1 unless --rate is given)' },
     rate: {
       help: 'requests started per second, whatever the answers do (open loop; default: none, a fixed --concurrency is used)',
@@ -167,7 +169,7 @@ export const command: Command = {
       sampling,
       returnTokenIds: true,
     });
-    const client = emu3Client(flags.required('addr'));
+    const client = emu3Client(flags.required('addr'), {}, clientAuthFlags(flags, 'load'));
     try {
       const summary = await runLoad(client, p, request, flags.int('deadline-ms', 1)!);
       const mode = p.rate !== undefined ? { rate: p.rate, maxInFlight: p.maxInFlight } : { concurrency: p.concurrency };

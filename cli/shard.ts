@@ -9,6 +9,7 @@ import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS } from '../services/shard/ca
 import { DEFAULT_LEASE_MS, startShardServer } from '../services/shard/server.js';
 import { type CommandSpec, UsageError } from './args.js';
 import type { Command } from './main.js';
+import { addressList, INTERNAL_SECURITY_FLAGS, internalSecurityFlags } from './security-flags.js';
 import { chooseLayers } from './shard-layers.js';
 
 const spec: CommandSpec = {
@@ -33,6 +34,10 @@ const spec: CommandSpec = {
       default: '127.0.0.1:50061',
     },
     next: { help: 'address of the next stage; required unless B is the last layer, refused if it is' },
+    'allow-reply-to': {
+      help: 'the coordinator ResultSink address(es), comma-separated (its --sink-advertise, else --sink-listen), the only ones this stage sends results and errors to; a micro-batch naming another is not run; required',
+    },
+    ...INTERNAL_SECURITY_FLAGS,
     precision: { help: 'weight precision: fp32 or int4 (MatMulNBits, block 32)', default: 'fp32' },
     device: {
       help: 'where ORT runs the stage: cpu, webgpu (ONNX Runtime WebGPU over Vulkan; docs/gpu.md) or cuda (needs ORT CUDA libraries)',
@@ -94,6 +99,7 @@ export const command: Command = {
       },
       () => loadEmu3Config(modelDir),
     );
+    const security = internalSecurityFlags(flags, 'shard', log);
     const running = await startShardServer({
       modelDir,
       layers,
@@ -110,6 +116,8 @@ export const command: Command = {
       leaseMs: flags.int('coordinator-lease', 0, 2_147_483_647),
       log: log.child({ layers: `${layers[0]}-${layers[1]}` }),
       drainTimeoutMs: flags.int('drain-timeout-ms', 0),
+      allowReplyTo: addressList(flags.string('allow-reply-to'), 'allow-reply-to', 'shard'),
+      security,
     });
     await running.server.closed;
     await telemetry.shutdown();

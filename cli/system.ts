@@ -5,16 +5,27 @@
 // answer at that address is never mistaken for it. With `supervise`, a child that dies is started again at the same
 // address (cli/restart-policy.ts) while the others keep running.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync, type WriteStream } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import {
+  createWriteStream,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  rmSync,
+  type WriteStream,
+  writeFileSync,
+} from 'node:fs';
 import { createServer } from 'node:net';
-import { availableParallelism } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import type { Emu3Config } from '../lib/model/config.js';
-import { createClient, unaryCall } from '../lib/rpc/client.js';
+import { TokenFile } from '../lib/rpc/auth.js';
+import { type ClientCredentials, createClient, unaryCall } from '../lib/rpc/client.js';
 import { HEALTH_PROTO, HEALTH_SERVICE } from '../lib/rpc/health.js';
+import type { TlsFiles } from '../lib/rpc/tls.js';
 import { describeExit, onFailure, type RestartPolicy } from './restart-policy.js';
 
 export interface SystemOptions {
@@ -42,6 +53,15 @@ export interface SystemOptions {
   metrics?: boolean;
   /** Extra environment for every process (e.g. OTEL_* for tracing). */
   env?: Record<string, string>;
+  /** The coordinator's --auth-token-file (public API tokens). Default: none, no public auth. */
+  authTokenFile?: string;
+  /**
+   * The pipeline's secret (--internal-token-file of every process). Default: a fresh random one for this run, in a
+   * 0600 file in a private temporary directory, removed when the system stops.
+   */
+  internalTokenFile?: string;
+  /** --tls-cert/--tls-key/--tls-ca for every process (mTLS inside, TLS on the coordinator's public port). */
+  tls?: TlsFiles;
 }
 
 export interface SupervisePolicy extends RestartPolicy {
@@ -83,6 +103,40 @@ export interface RunningSystem {
   stop(graceMs?: number): Promise<void>;
   /** SIGKILL to every child now; resolves when all have exited. */
   kill(): Promise<void>;
+  /** The coordinator's ResultSink address (every shard's --allow-reply-to). */
+  sinkAddress: string;
+  /** The pipeline's secret file every process was given. */
+  internalTokenFile: string;
+  /** What an internal client (a test, a probe) presents to the shards and vq. */
+  internalCredentials: ClientCredentials;
+  /** The security flags every shard was started with (to start a replacement by hand). */
+  shardSecurityArgs: string[];
+}
+
+/** A fresh random pipeline secret in a 0600 file in a new 0700 directory; `remove` deletes both. */
+export function writeInternalToken(): { file: string; remove: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), 'emu3-internal-'));
+  const file = join(dir, 'internal-token');
+  writeFileSync(file, `${randomBytes(32).toString('base64url')}\n`, { mode: 0o600 });
+  return { file, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** The value of `--name V` / `--name=V` in `args`, or undefined. */
+function flagValue(args: readonly string[], name: string): string | undefined {
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === name) return args[i + 1];
+    if (args[i].startsWith(`${name}=`)) return args[i].slice(name.length + 1);
+  }
+  return undefined;
+}
+
+function tlsArgs(tls: TlsFiles | undefined): string[] {
+  if (!tls) return [];
+  return [
+    ...(tls.cert ? ['--tls-cert', tls.cert] : []),
+    ...(tls.key ? ['--tls-key', tls.key] : []),
+    ...(tls.ca ? ['--tls-ca', tls.ca] : []),
+  ];
 }
 
 const TAIL_LINES = 40;
@@ -243,7 +297,7 @@ export function startChild(
  * Waits until `child` itself logged "listening" on its address and then answers grpc.health.v1 Check('') SERVING
  * there; rejects when it exits first or time runs out.
  */
-export async function waitHealthy(child: Child, timeoutMs: number): Promise<void> {
+export async function waitHealthy(child: Child, timeoutMs: number, tls?: TlsFiles): Promise<void> {
   let exitCode: number | null | undefined;
   void child.exited.then((c) => {
     exitCode = c;
@@ -261,7 +315,7 @@ export async function waitHealthy(child: Child, timeoutMs: number): Promise<void
   if (listened === 'timeout') throw new ChildFailed(child, `did not listen within ${timeoutMs} ms`);
   if (listened !== 'listening')
     throw new ChildFailed(child, `${describeExit(listened.code, listened.signal)} before becoming healthy`);
-  const client = createClient(HEALTH_PROTO, HEALTH_SERVICE, child.address);
+  const client = createClient(HEALTH_PROTO, HEALTH_SERVICE, child.address, { credentials: tls ? { tls } : undefined });
   try {
     for (;;) {
       if (exitCode !== undefined) throw new ChildFailed(child, `exited with code ${exitCode} before becoming healthy`);
@@ -339,6 +393,7 @@ class Supervisor {
     private readonly logDir: string | undefined,
     private readonly readyTimeoutMs: number,
     private readonly info: (line: string) => void,
+    private readonly tls?: TlsFiles,
   ) {
     for (let i = 0; i < children.length; i++) this.watch(i, []);
   }
@@ -399,7 +454,7 @@ class Supervisor {
     this.info(`${recipe.name} restarted (pid ${child.process.pid}) on ${recipe.address}`);
     const started = Date.now();
     try {
-      await waitHealthy(child, this.readyTimeoutMs);
+      await waitHealthy(child, this.readyTimeoutMs, this.tls);
     } catch (err) {
       if (this.stopped) return;
       if (alive(child)) child.process.kill('SIGKILL');
@@ -435,6 +490,20 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
   if (!coordinatorArgs.some((a) => a === '--max-in-flight' || a.startsWith('--max-in-flight=')))
     coordinatorArgs.push('--max-in-flight', '1');
   const host = '127.0.0.1';
+  // The ResultSink's address is fixed now, so every shard can be told it is the only place results may go.
+  let sinkAddress = flagValue(coordinatorArgs, '--sink-advertise') ?? flagValue(coordinatorArgs, '--sink-listen');
+  if (sinkAddress === undefined) {
+    sinkAddress = `${host}:${await freePort()}`;
+    coordinatorArgs.push('--sink-listen', sinkAddress);
+  } else if (sinkAddress.endsWith(':0'))
+    throw new Error(`--sink-listen ${sinkAddress}: give a fixed port (the shards are told it as --allow-reply-to)`);
+  const generated = opts.internalTokenFile ? undefined : writeInternalToken();
+  const internalTokenFile = opts.internalTokenFile ?? generated!.file;
+  const security = ['--internal-token-file', internalTokenFile, ...tlsArgs(opts.tls)];
+  const shardSecurityArgs = ['--allow-reply-to', sinkAddress, ...security];
+  if (opts.authTokenFile) coordinatorArgs.push('--auth-token-file', opts.authTokenFile);
+  const internalToken = new TokenFile(internalTokenFile);
+  const internalCredentials: ClientCredentials = { token: () => internalToken.first(), tls: opts.tls };
   const vqAddress = `${host}:${await freePort()}`;
   const shardAddresses: string[] = [];
   for (let i = 0; i < stages.length; i++) shardAddresses.push(`${host}:${await freePort()}`);
@@ -460,7 +529,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
     const vq: ChildRecipe = {
       name: 'vq',
       address: vqAddress,
-      args: ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress],
+      args: ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress, ...security],
     };
     await withMetrics(vq);
     // Last stage first, so each stage's next hop is already starting when it dials it.
@@ -470,7 +539,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
       const args = ['shard', '--model', opts.modelDir, '--layers', `${a}-${b}`, '--listen', shardAddresses[i]];
       if (i + 1 < stages.length) args.push('--next', shardAddresses[i + 1]);
       if (opts.precision) args.push('--precision', opts.precision);
-      args.push(...shardArgs);
+      args.push(...shardSecurityArgs, ...shardArgs);
       const shard: ChildRecipe = { name: `shard-${i}`, address: shardAddresses[i], args };
       await withMetrics(shard);
       shards.unshift(shard);
@@ -481,7 +550,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
     children.push(launch(vq));
     for (const shard of [...shards].reverse()) children.splice(1, 0, launch(shard));
     recipes.push(vq, ...shards);
-    await Promise.all(children.map((c) => waitHealthy(c, timeout)));
+    await Promise.all(children.map((c) => waitHealthy(c, timeout, opts.tls)));
     const coordinator: ChildRecipe = {
       name: 'coordinator',
       address,
@@ -495,6 +564,7 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
         vqAddress,
         '--listen',
         address,
+        ...security,
         ...coordinatorArgs,
       ],
     };
@@ -502,13 +572,14 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
     progress(`starting the coordinator on ${address}`);
     children.push(launch(coordinator));
     recipes.push(coordinator);
-    await waitHealthy(children[children.length - 1], timeout);
+    await waitHealthy(children[children.length - 1], timeout, opts.tls);
   } catch (err) {
     await stopInOrder(children, 3000);
+    generated?.remove();
     throw err;
   }
   const supervisor = opts.supervise
-    ? new Supervisor(children, recipes, opts.supervise, opts.logDir, timeout, progress)
+    ? new Supervisor(children, recipes, opts.supervise, opts.logDir, timeout, progress, opts.tls)
     : undefined;
   return {
     address,
@@ -516,13 +587,19 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
     shardAddresses,
     stages,
     children,
-    stop: (graceMs = 10_000) => {
+    sinkAddress,
+    internalTokenFile,
+    internalCredentials,
+    shardSecurityArgs,
+    stop: async (graceMs = 10_000) => {
       supervisor?.stop();
-      return stopInOrder(children, graceMs);
+      await stopInOrder(children, graceMs);
+      generated?.remove();
     },
-    kill: () => {
+    kill: async () => {
       supervisor?.stop();
-      return killAll(children);
+      await killAll(children);
+      generated?.remove();
     },
   };
 }

@@ -1,9 +1,10 @@
 // `emu3 up`'s flags, checked before anything starts: addresses parse with ports in range, precision is known, the
 // model and VQ directories hold a config.json (the default model directory may be missing: it is generated), the
 // numbers are in range, and extra child flags look like flags.
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { DEVICES, PRECISIONS } from '../lib/onnx/stage-graph.js';
+import { parseTokens } from '../lib/rpc/auth.js';
 import { parseAddress } from '../lib/rpc/serve.js';
 import { type CommandSpec, type Flags, UsageError } from './args.js';
 import { DEFAULT_RESTART_POLICY, type RestartPolicy } from './restart-policy.js';
@@ -58,6 +59,13 @@ export const upSpec: CommandSpec = {
       help: 'an extra flag for the coordinator, e.g. --coordinator-arg=--max-text-chars=1000 (repeatable; see emu3 coordinator --help; default: none)',
       repeatable: true,
     },
+    'auth-token-file': {
+      help: 'public API tokens, one a line (re-read on change): the coordinator and the HTTP API then refuse every call but health without "authorization: Bearer <token>" (default: none, no public auth)',
+    },
+    tls: {
+      boolean: true,
+      help: "TLS everywhere: a throwaway CA and certificate made with openssl for this run; mTLS between the processes, TLS on the public port and the HTTP API (the CA's path is printed for clients)",
+    },
     'no-metrics': { boolean: true, help: 'start no Prometheus endpoints (default: one per process on a free port)' },
     'shard-arg': {
       help: 'an extra flag for every shard, e.g. --shard-arg=--max-slots=32 (repeatable; see emu3 shard --help; default: none)',
@@ -84,6 +92,10 @@ export interface UpOptions {
   shardArgs: string[];
   /** A Prometheus endpoint per process (--no-metrics turns them off). */
   metrics: boolean;
+  /** --auth-token-file: public API tokens for the coordinator and the HTTP API. */
+  authTokenFile?: string;
+  /** --tls: a throwaway CA for this run. */
+  tls: boolean;
 }
 
 const DAY_MS = 86_400_000;
@@ -95,6 +107,18 @@ function extraFlags(flags: Flags, name: string): string[] {
     out.push(arg);
   }
   return out;
+}
+
+function checkedTokenFile(file: string | undefined): string | undefined {
+  if (file === undefined) return undefined;
+  let tokens: string[];
+  try {
+    tokens = parseTokens(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new UsageError(`up: --auth-token-file ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`);
+  }
+  if (tokens.length === 0) throw new UsageError(`up: --auth-token-file ${file} holds no token`);
+  return file;
 }
 
 /** Reads and checks every flag; a UsageError names the first bad one. Starts nothing. */
@@ -146,5 +170,7 @@ export function upOptions(flags: Flags): UpOptions {
     coordinatorArgs: extraFlags(flags, 'coordinator-arg'),
     shardArgs: [...(device === 'cpu' ? [] : ['--device', device]), ...extraFlags(flags, 'shard-arg')],
     metrics: !flags.bool('no-metrics'),
+    authTokenFile: checkedTokenFile(flags.string('auth-token-file')),
+    tls: flags.bool('tls'),
   };
 }

@@ -13,12 +13,14 @@
 import { spawn } from 'node:child_process';
 import { basename, dirname, join, relative } from 'node:path';
 import { loadEmu3Config } from '../lib/model/config.js';
+import { TokenFile } from '../lib/rpc/auth.js';
 import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable, parseAddress } from '../lib/rpc/serve.js';
 import { type RunningGateway, startGateway } from '../services/gateway/server.js';
 import { UsageError } from './args.js';
 import type { Command } from './main.js';
 import { binPath, type Child, ChildFailed, freePort, type RunningSystem, startSystem } from './system.js';
+import { makeThrowawayPki, type ThrowawayPki } from './throwaway-pki.js';
 import { upOptions, upSpec } from './up-options.js';
 
 /** A repeat of the same signal this soon is the same Ctrl-C (npm and the shell may pass it on too). */
@@ -76,6 +78,14 @@ export const command: Command = {
         `up: --shards ${opts.shards} must be in [1, ${config.numHiddenLayers}] (the model's layers)`,
       );
 
+    let pki: ThrowawayPki | undefined;
+    if (opts.tls) {
+      pki = makeThrowawayPki([host, ...(opts.httpListen ? [parseAddress(opts.httpListen).host] : [])]);
+      console.log(`emu3 up: --tls: throwaway CA ${pki.tls.ca} (removed when up stops)`);
+    }
+    const removePki = () => pki?.remove();
+    process.once('exit', removePki);
+
     let finish!: (code: number) => void;
     const finished = new Promise<number>((res) => {
       finish = res;
@@ -123,10 +133,13 @@ export const command: Command = {
             onGiveUp,
           },
           metrics: opts.metrics,
+          authTokenFile: opts.authTokenFile,
+          tls: pki?.tls,
         },
         config,
       );
     } catch (err) {
+      removePki();
       if (err instanceof ChildFailed) {
         console.error(`emu3 up: ${err.message}`);
         return 1;
@@ -134,6 +147,7 @@ export const command: Command = {
       throw err;
     }
     const running = system;
+    const publicTokens = opts.authTokenFile ? new TokenFile(opts.authTokenFile) : undefined;
     if (opts.httpListen)
       gateway = await startGateway({
         listen: opts.httpListen,
@@ -141,6 +155,12 @@ export const command: Command = {
         modelDir: opts.modelDir,
         drainTimeoutMs: opts.drainTimeoutMs,
         log: createLogger('gateway', { level: 'warn' }),
+        authTokens: publicTokens,
+        coordinatorCredentials: {
+          token: publicTokens ? () => publicTokens.first() : undefined,
+          tls: pki ? { ca: pki.tls.ca } : undefined,
+        },
+        tls: pki ? { cert: pki.tls.cert, key: pki.tls.key } : undefined,
       });
     let lastSignal = 0;
     const onSignal = (sig: NodeJS.Signals) => {
@@ -158,6 +178,17 @@ export const command: Command = {
     process.on('SIGTERM', onSignal);
 
     const addr = running.address;
+    // What the printed commands need to get in: the token file, the CA.
+    const chatCreds = [
+      ...(opts.authTokenFile ? [`--auth-token-file ${opts.authTokenFile}`] : []),
+      ...(pki ? [`--tls-ca ${pki.tls.ca}`] : []),
+    ].join(' ');
+    const bearer = opts.authTokenFile ? ` -H "authorization: Bearer $(head -n1 ${opts.authTokenFile})"` : '';
+    // buf curl sends -H headers on its reflection calls only when told to; reflection needs the token too.
+    const bufBearer = bearer ? `${bearer} --reflect-header '*'` : '';
+    const buf = pki ? `--cacert ${pki.tls.ca}` : '--http2-prior-knowledge';
+    const scheme = pki ? 'https' : 'http';
+    const curlCa = pki ? ` --cacert ${pki.tls.ca}` : '';
     console.log(
       [
         '',
@@ -167,12 +198,12 @@ export const command: Command = {
         ...metricsLines(running.children),
         '',
         'try:',
-        `  npx emu3 chat --addr ${addr} --image ${sampleImage()} "Describe the image."`,
-        `  npx buf curl --protocol grpc --http2-prior-knowledge -d '{"parts":[{"text":"Hello!"}],"sampling":{"maxNewTokens":16}}' http://${addr}/emu3.v1.Emu3/Generate`,
-        `  npx buf curl --protocol grpc --http2-prior-knowledge http://${addr}/emu3.v1.Emu3/GetModelInfo`,
+        `  npx emu3 chat --addr ${addr}${chatCreds ? ` ${chatCreds}` : ''} --image ${sampleImage()} "Describe the image."`,
+        `  npx buf curl --protocol grpc ${buf}${bufBearer} -d '{"parts":[{"text":"Hello!"}],"sampling":{"maxNewTokens":16}}' ${scheme}://${addr}/emu3.v1.Emu3/Generate`,
+        `  npx buf curl --protocol grpc ${buf}${bufBearer} ${scheme}://${addr}/emu3.v1.Emu3/GetModelInfo`,
         ...(gateway
           ? [
-              `  curl ${gateway.baseUrl}/chat/completions -H 'content-type: application/json' -d '{"model":"${basename(opts.modelDir)}","messages":[{"role":"user","content":"Hello!"}],"max_tokens":16}'`,
+              `  curl${curlCa} ${gateway.baseUrl}/chat/completions${bearer} -H 'content-type: application/json' -d '{"model":"${basename(opts.modelDir)}","messages":[{"role":"user","content":"Hello!"}],"max_tokens":16}'`,
             ]
           : []),
         '',

@@ -22,6 +22,7 @@ import {
 import { DEFAULT_QUEUE_LIMIT, startVqServer } from '../services/vq/server.js';
 import { type CommandSpec, type Flags, UsageError } from './args.js';
 import type { Command } from './main.js';
+import { INTERNAL_SECURITY_FLAGS, internalSecurityFlags } from './security-flags.js';
 
 const spec: CommandSpec = {
   name: 'vq',
@@ -59,6 +60,7 @@ const spec: CommandSpec = {
       help: 'on SIGTERM/SIGINT, how long in-flight requests may take before they are cut off',
       default: '30000',
     },
+    ...INTERNAL_SECURITY_FLAGS,
   },
 };
 
@@ -70,7 +72,9 @@ async function serveCommand(flags: Flags): Promise<number> {
     registry: () => vqTelemetry().registry,
   });
   const log = telemetry.log;
+  const security = internalSecurityFlags(flags, 'vq', log);
   const server = await startVqServer({
+    security,
     vqDir: flags.required('vq'),
     address: flags.required('listen'),
     log,

@@ -9,8 +9,9 @@
 # layers are split exactly as `emu3 up` splits them). LeaderWorkerSet names pods <lws>-<group> (leader) and
 # <lws>-<group>-<w> (workers) under one headless Service, and gives every pod LWS_LEADER_ADDRESS =
 # <lws>-<group>.<subdomain...>; so worker w is reached at <lws>-<group>-<w>.<subdomain...>. From these the
-# coordinator gets --shards (workers 1..S-1 in order) and --sink-advertise (its own stable name), and every stage but
-# the last gets --next (worker w+1).
+# coordinator gets --shards (workers 1..S-1 in order) and --sink-advertise (its own stable name), every shard
+# --allow-reply-to that same address (a shard sends results nowhere else), and every stage but the last gets --next
+# (worker w+1).
 set -eu
 role=${1:?usage: lws-entry.sh coordinator|shard [flags]}
 shift
@@ -49,7 +50,7 @@ shard)
     exit 2
   fi
   if [ $((stage + 1)) -lt "$stages" ]; then set -- --next "$(worker_address $((LWS_WORKER_INDEX + 1)))" "$@"; fi
-  exec node "$bin" shard --stage-index "$stage" --stages "$stages" "$@"
+  exec node "$bin" shard --stage-index "$stage" --stages "$stages" --allow-reply-to "$LWS_LEADER_ADDRESS:$sink_port" "$@"
   ;;
 *)
   echo "lws-entry.sh: unknown role '$role' (coordinator or shard)" >&2

@@ -5,8 +5,10 @@ import { createServer } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import type { PackageDefinition } from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
+import { type AuthPolicy, authInterceptor } from './auth.js';
 import { HealthService } from './health.js';
 import type { Logger } from './log.js';
+import { serverCredentials, type TlsFiles } from './tls.js';
 
 export interface ServiceBinding {
   /** Fully qualified name, e.g. 'emu3.internal.v1.VqService'; also its name in grpc.health.v1. */
@@ -44,6 +46,15 @@ export interface ServeOptions {
    * when `services` already holds a grpc.reflection.* binding, so a caller that adds its own does not clash.
    */
   reflection?: boolean;
+  /**
+   * Who may call: every call of every service (health excepted, and what `auth.open` lets through) must carry a
+   * bearer token of the policy, checked by one interceptor before any handler runs. Default: anyone.
+   */
+  auth?: AuthPolicy;
+  /** Serve TLS with this certificate and key (default: plaintext). */
+  tls?: TlsFiles;
+  /** With `tls.ca`: every client must present a certificate signed by it (mTLS). Default false. */
+  requireClientCert?: boolean;
 }
 
 export interface RunningServer {
@@ -133,6 +144,10 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
     'grpc.max_receive_message_length': maxReceive,
     'grpc.max_send_message_length': opts.maxSendMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
     ...opts.serverOptions,
+    interceptors: [
+      ...(opts.auth ? [authInterceptor(opts.auth, log.child({ component: 'auth' }))] : []),
+      ...(opts.serverOptions?.interceptors ?? []),
+    ],
   });
   const health = new HealthService('NOT_SERVING');
   server.addService(health.definition(), health.implementation(log.child({ component: 'health' })));
@@ -147,7 +162,7 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
   }
 
   const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(opts.address, grpc.ServerCredentials.createInsecure(), (err, bound) => {
+    server.bindAsync(opts.address, serverCredentials(opts.tls, opts.requireClientCert ?? false), (err, bound) => {
       if (!err) return resolve(bound);
       server.forceShutdown(); // nothing bound: release what the server holds, so a failed service can exit
       reject(new Error(`cannot listen on ${opts.address}: ${listenFailureReason(err.message)}`));
@@ -156,7 +171,14 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
   const address = `${host}:${port}`;
   for (const s of opts.services) health.set(s.name, 'SERVING');
   health.set('', 'SERVING');
-  log.info('listening', { address, port, services: opts.services.map((s) => s.name), maxReceiveBytes: maxReceive });
+  log.info('listening', {
+    address,
+    port,
+    services: opts.services.map((s) => s.name),
+    maxReceiveBytes: maxReceive,
+    auth: opts.auth ? opts.auth.source : 'none',
+    tls: opts.tls?.cert ? (opts.requireClientCert && opts.tls.ca ? 'mtls' : 'tls') : 'off',
+  });
 
   let resolveClosed!: () => void;
   const closed = new Promise<void>((resolve) => {

@@ -3,7 +3,7 @@
 // coordinator's epoch. Each stage forwards to the next itself; the last stage's results arrive at the coordinator's
 // ResultSink (result-sink.ts), not here.
 import type * as grpc from '@grpc/grpc-js';
-import { createClient, unaryCall } from '../../lib/rpc/client.js';
+import { type ClientCredentials, createClient, unaryCall } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import {
   type ForwardRequest,
@@ -40,8 +40,10 @@ export class PipelineClient {
      * by one, so work queued on the stages before a Reset is never executed after it (STALE_EPOCH).
      */
     public epoch: number,
+    /** The pipeline's secret (and mTLS) presented on every call and stream. */
+    credentials?: ClientCredentials,
   ) {
-    this.clients = addresses.map((a) => createClient(SHARD_PROTO, SHARD_SERVICE, a));
+    this.clients = addresses.map((a) => createClient(SHARD_PROTO, SHARD_SERVICE, a, { credentials }));
   }
 
   /** Info from every stage, retried until `timeoutMs` (shards may still be loading), then the topology check. */

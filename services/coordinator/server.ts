@@ -7,9 +7,11 @@ import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { loadEmu3Config } from '../../lib/model/config.js';
 import { type CodeGrid, understandingPromptIds } from '../../lib/prompt/prompt.js';
+import { isHealth, type TokenFile } from '../../lib/rpc/auth.js';
 import { RpcError } from '../../lib/rpc/errors.js';
 import { implement, serverStream, unary } from '../../lib/rpc/handlers.js';
 import { HEALTH_PROTO } from '../../lib/rpc/health.js';
+import { type InternalSecurity, internalClient, internalServe, warnIfOpen } from '../../lib/rpc/internal-security.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { protoRoot } from '../../lib/rpc/proto.js';
 import { decodeRequestsInHandlers } from '../../lib/rpc/request-decoding.js';
@@ -76,6 +78,13 @@ export interface CoordinatorOptions {
   maxRecoveries?: number;
   log: Logger;
   handleSignals?: boolean;
+  /** Public API tokens (--auth-token-file): every public call but health needs one. Unset: no public auth. */
+  publicAuth?: TokenFile;
+  /**
+   * The pipeline's secret and mTLS: presented to the shards and vq, demanded by the ResultSink. Its certificate also
+   * serves TLS on the public port (no client certificate asked there: the public side authenticates by token).
+   */
+  security?: InternalSecurity;
 }
 
 export interface RunningCoordinator {
@@ -277,8 +286,10 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
   const config = loadEmu3Config(opts.modelDir);
   const tokenizer = loadTokenizer(opts.modelDir);
   // A new coordinator's epoch is larger than any earlier one's: the shards drop an older epoch's KV when it arrives.
-  const pipeline = new PipelineClient(opts.shards, log, Date.now());
-  const vq = new VqClient(opts.vq);
+  const credentials = internalClient(opts.security);
+  const pipeline = new PipelineClient(opts.shards, log, Date.now(), credentials);
+  const vq = new VqClient(opts.vq, undefined, undefined, credentials);
+  warnIfOpen(opts.security, log.child({ component: 'sink' }));
   const { stages, shape } = await pipeline.describe(opts.startTimeoutMs, config.numHiddenLayers);
   await waitForVq(vq, opts.startTimeoutMs);
   await pipeline.resetAll();
@@ -310,6 +321,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     log: log.child({ component: 'sink' }),
     handleSignals: false,
     drainTimeoutMs: 1000,
+    ...internalServe(opts.security),
   });
   const replyTo = opts.sinkAdvertise ?? sink.address;
   let closing = false;
@@ -409,6 +421,10 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     maxReceiveMessageBytes: opts.maxMessageBytes,
     drainTimeoutMs: opts.drainTimeoutMs,
     handleSignals: opts.handleSignals,
+    auth: opts.publicAuth
+      ? { source: '--auth-token-file', tokens: () => opts.publicAuth!.tokens(), open: isHealth }
+      : undefined,
+    tls: opts.security?.tls,
     onDrainStart: () => running.beginDrain(),
     onDrainTimeout: () => running.cancelRunning(),
     onClose: async () => {

@@ -4,7 +4,7 @@
 import { createHash } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import type { CodeGrid } from '../../lib/prompt/prompt.js';
-import { createClient, unaryCall } from '../../lib/rpc/client.js';
+import { type ClientCredentials, createClient, unaryCall } from '../../lib/rpc/client.js';
 import { InvalidArgument, ResourceExhausted, Unavailable } from '../../lib/rpc/errors.js';
 import { type EncodeResponse, type InfoResponse, VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
 import { tracedCall } from '../../lib/telemetry/grpc.js';
@@ -24,8 +24,9 @@ export class VqClient {
     readonly address: string,
     private readonly timeoutMs = 120_000,
     private readonly cacheEntries = 64,
+    credentials?: ClientCredentials,
   ) {
-    this.client = createClient(VQ_PROTO, VQ_SERVICE, address);
+    this.client = createClient(VQ_PROTO, VQ_SERVICE, address, { credentials });
   }
 
   info(deadlineMs = 5000): Promise<VqInfo> {

@@ -2,7 +2,7 @@
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { INTERNAL_RECONNECT } from '../../lib/rpc/client.js';
+import { type ClientCredentials, clientSecurity, INTERNAL_RECONNECT } from '../../lib/rpc/client.js';
 import { HEALTH_PROTO } from '../../lib/rpc/health.js';
 import { protoRoot } from '../../lib/rpc/proto.js';
 import type { GenerateRequestMessage, GenerateResponseMessage, ModelInfoMessage } from './generate-request.js';
@@ -29,6 +29,8 @@ interface HealthStub extends grpc.Client {
 export interface CoordinatorClientOptions {
   /** Largest request and answer message. */
   maxMessageBytes: number;
+  /** The public API token (and TLS CA) to present to the coordinator. */
+  credentials?: ClientCredentials;
 }
 
 export class CoordinatorClient {
@@ -54,12 +56,14 @@ export class CoordinatorClient {
     const Emu3 = ((loaded.emu3 as grpc.GrpcObject).v1 as grpc.GrpcObject).Emu3 as grpc.ServiceClientConstructor;
     const Health = (((loaded.grpc as grpc.GrpcObject).health as grpc.GrpcObject).v1 as grpc.GrpcObject)
       .Health as grpc.ServiceClientConstructor;
-    const channel: grpc.ChannelOptions = {
+    const security = clientSecurity(opts.credentials);
+    const channel: grpc.ClientOptions = {
       'grpc.max_send_message_length': opts.maxMessageBytes,
       'grpc.max_receive_message_length': opts.maxMessageBytes,
       ...INTERNAL_RECONNECT,
+      ...security.options,
     };
-    const credentials = grpc.credentials.createInsecure();
+    const credentials = security.channel;
     this.emu3 = new Emu3(address, credentials, channel) as unknown as Emu3Stub;
     this.health = new Health(address, credentials, channel) as unknown as HealthStub;
   }

@@ -117,3 +117,8 @@ export function modelNotFound(model: string, served: string): GatewayError {
     type: 'invalid_request_error',
   });
 }
+
+/** A call without a valid API key (OpenAI answers 401 invalid_request_error / invalid_api_key). */
+export function unauthorized(message: string): GatewayError {
+  return new GatewayError(401, message, { code: 'invalid_api_key', type: 'invalid_request_error' });
+}

@@ -1,9 +1,13 @@
 // The OpenAI-compatible HTTP gateway: plain node:http in front of the coordinator's public gRPC API. Thin wiring:
 // the request and response mappings are the pure modules beside this one.
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type * as grpc from '@grpc/grpc-js';
+import { bearerToken, type TokenFile, tokenMatches } from '../../lib/rpc/auth.js';
+import type { ClientCredentials } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { parseAddress } from '../../lib/rpc/serve.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
@@ -11,7 +15,7 @@ import { parseJson, readBody } from './body.js';
 import { type ChatPlan, mapChatRequest } from './chat-request.js';
 import { ChatAnswer, ChatChunks, type CompletionMeta, type LogprobOptions, type TokenText } from './chat-response.js';
 import { CoordinatorClient } from './coordinator-client.js';
-import { fromGrpcStatus, GatewayError } from './errors.js';
+import { fromGrpcStatus, GatewayError, unauthorized } from './errors.js';
 import type { GenerateFinal, GenerateResponseMessage, ModelInfoMessage } from './generate-request.js';
 import { generationNotAvailable, mapImageRequest, noImageInAnswer } from './images.js';
 import { modelById, modelList } from './models.js';
@@ -30,6 +34,12 @@ export interface GatewayOptions {
   /** On close, how long running answers may go on before their connections are closed. Default 10 s. */
   drainTimeoutMs?: number;
   log: Logger;
+  /** API keys (--auth-token-file): every route but /health needs "authorization: Bearer <key>". Unset: none. */
+  authTokens?: TokenFile;
+  /** What the gateway presents to the coordinator (its public API token, the CA of its TLS certificate). */
+  coordinatorCredentials?: ClientCredentials;
+  /** Serve HTTPS with this PEM certificate and key (default: HTTP). */
+  tls?: { cert: string; key: string };
 }
 
 export interface RunningGateway {
@@ -88,7 +98,21 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
   // Room for a body of maxBody bytes decoded from base64, plus the answer.
   const client = new CoordinatorClient(opts.coordinator, {
     maxMessageBytes: Math.max(maxBody, 4 * 1024 * 1024) + 65536,
+    credentials: opts.coordinatorCredentials,
   });
+  const authTokens = opts.authTokens;
+  /** Refuses a request without one of the API keys (constant-time comparison; the key is never logged). */
+  const checkKey = (req: IncomingMessage): void => {
+    if (!authTokens) return;
+    const header = req.headers.authorization;
+    if (header === undefined)
+      throw unauthorized(
+        'You did not provide an API key: send "Authorization: Bearer <key>" (the gateway runs with --auth-token-file)',
+      );
+    const key = bearerToken(header);
+    if (key === null) throw unauthorized('The Authorization header must be "Bearer <key>"');
+    if (!tokenMatches(key, authTokens.tokens())) throw unauthorized('Incorrect API key provided');
+  };
   const startedAt = Math.floor(Date.now() / 1000);
   let cachedInfo: { at: number; info: ModelInfoMessage } | null = null;
 
@@ -295,6 +319,7 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
 
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<number> => {
     const route = matchRoute(req.method ?? 'GET', req.url ?? '/');
+    if (route.name !== 'health') checkKey(req);
     switch (route.name) {
       case 'chat':
         return chatCompletions(req, res);
@@ -311,7 +336,7 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
     }
   };
 
-  const server = createServer((req, res) => {
+  const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     const started = performance.now();
     const done = (status: number) =>
       log.info('request', { method: req.method, path: req.url, status, ms: Math.round(performance.now() - started) });
@@ -327,13 +352,17 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
       }
       if (res.headersSent) res.destroy();
       else {
-        // A body left unread (413) would otherwise keep the connection busy: close it after the answer.
-        if (mapped.status === 413) res.setHeader('connection', 'close');
+        if (mapped.status === 401) res.setHeader('www-authenticate', 'Bearer');
+        // A body left unread (413, 401) would otherwise keep the connection busy: close it after the answer.
+        if (mapped.status === 413 || mapped.status === 401) res.setHeader('connection', 'close');
         sendError(res, mapped);
       }
       done(mapped.status);
     });
-  });
+  };
+  const server = opts.tls
+    ? createHttpsServer({ cert: readFileSync(opts.tls.cert), key: readFileSync(opts.tls.key) }, onRequest)
+    : createServer(onRequest);
   server.on('clientError', (err, socket) => {
     if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n');
     log.debug('malformed HTTP request', { error: err.message });
@@ -348,8 +377,14 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
   });
   const bound = server.address() as AddressInfo;
   const address = `${host}:${bound.port}`;
-  const baseUrl = `http://${address}/v1`;
-  log.info('listening', { address, baseUrl, coordinator: opts.coordinator, logprobs: tokenText !== null });
+  const baseUrl = `${opts.tls ? 'https' : 'http'}://${address}/v1`;
+  log.info('listening', {
+    address,
+    baseUrl,
+    coordinator: opts.coordinator,
+    logprobs: tokenText !== null,
+    auth: authTokens ? '--auth-token-file' : 'none',
+  });
 
   const closed = new Promise<void>((resolve) => {
     server.once('close', () => {

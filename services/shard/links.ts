@@ -1,7 +1,7 @@
 // The shard's outgoing streams: ONE long-lived Forward stream to the next stage (opened on first use, re-opened after
 // a break) and one Deliver stream per ResultSink address (the last stage's results, and any stage's errors).
 import type * as grpc from '@grpc/grpc-js';
-import { createClient } from '../../lib/rpc/client.js';
+import { type ClientCredentials, createClient } from '../../lib/rpc/client.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import {
   type ForwardRequest,
@@ -44,8 +44,9 @@ export class NextHop {
     private readonly log: Logger,
     /** A micro-batch sent downstream was lost (the stream broke before the next stage acknowledged it). */
     private readonly onLost: (lost: Unacked, why: string) => void,
+    credentials?: ClientCredentials,
   ) {
-    this.client = createClient(SHARD_PROTO, SHARD_SERVICE, address);
+    this.client = createClient(SHARD_PROTO, SHARD_SERVICE, address, { credentials });
   }
 
   send(request: ForwardRequest): void {
@@ -121,12 +122,48 @@ interface Sink {
   call: grpc.ClientWritableStream<StepResult>;
 }
 
+/** The ResultSink addresses a stage may send to (--allow-reply-to): nothing else is ever dialled. */
+export class ReplyAllowlist {
+  private readonly allowed: Set<string>;
+
+  constructor(addresses: readonly string[]) {
+    this.allowed = new Set(addresses.map((a) => a.trim()).filter((a) => a !== ''));
+  }
+
+  allows(address: string): boolean {
+    return this.allowed.has(address);
+  }
+
+  /** Why `address` is refused, or null. */
+  refusal(address: string): string | null {
+    if (this.allows(address)) return null;
+    return `reply_to "${address}" is not one of this stage's --allow-reply-to addresses (${[...this.allowed].join(', ')}): nothing was run or sent`;
+  }
+
+  list(): string[] {
+    return [...this.allowed];
+  }
+}
+
 export class ResultSinks {
   private readonly sinks = new Map<string, Sink>();
 
-  constructor(private readonly log: Logger) {}
+  constructor(
+    private readonly log: Logger,
+    private readonly allowlist: ReplyAllowlist,
+    private readonly credentials?: ClientCredentials,
+  ) {}
 
   deliver(address: string, result: StepResult): void {
+    // The last line of defence: a result never goes to an address the operator did not configure.
+    if (!this.allowlist.allows(address)) {
+      this.log.warn('result not sent: reply_to is not allowed', {
+        replyTo: address,
+        microBatch: result.micro_batch_id,
+        allowed: this.allowlist.list(),
+      });
+      return;
+    }
     let sink = this.sinks.get(address);
     if (!sink) {
       sink = this.open(address);
@@ -144,7 +181,7 @@ export class ResultSinks {
   }
 
   private open(address: string): Sink {
-    const client = createClient(SHARD_PROTO, RESULT_SINK_SERVICE, address);
+    const client = createClient(SHARD_PROTO, RESULT_SINK_SERVICE, address, { credentials: this.credentials });
     type Deliver = (cb: (err: grpc.ServiceError | null) => void) => grpc.ClientWritableStream<StepResult>;
     let sink: Sink | undefined;
     const call = (client as unknown as { Deliver: Deliver }).Deliver((err) => {

@@ -4,13 +4,14 @@
 import { Checkpoint } from '../../lib/model/checkpoint.js';
 import { loadEmu3Config } from '../../lib/model/config.js';
 import { checkStageSpec, type Device, type Precision } from '../../lib/onnx/stage-graph.js';
+import { type InternalSecurity, internalClient, internalServe, warnIfOpen } from '../../lib/rpc/internal-security.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { type RunningServer, serve } from '../../lib/rpc/serve.js';
 import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import { shardTelemetry } from '../../lib/telemetry/shard.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS, kvCapacity } from './capacity.js';
-import { NextHop, ResultSinks } from './links.js';
+import { NextHop, ReplyAllowlist, ResultSinks } from './links.js';
 import { ShardService } from './service.js';
 
 /** The largest SamplingSide.top_k accepted (Emu3-Gen's default is 2048, docs/architecture.md, "Sampling split"). */
@@ -43,6 +44,13 @@ export interface ShardServerOptions {
   log: Logger;
   drainTimeoutMs?: number;
   handleSignals?: boolean;
+  /**
+   * --allow-reply-to: the coordinator ResultSink addresses this stage may send results and errors to; a micro-batch
+   * whose reply_to is another address is not run. Required (at least one).
+   */
+  allowReplyTo: string[];
+  /** The pipeline's secret and mTLS, demanded of callers and presented to the next stage and the ResultSink. */
+  security?: InternalSecurity;
 }
 
 export interface RunningShard {
@@ -63,6 +71,11 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     throw new Error(`--next is required: layers [${first}, ${end}) end before layer ${config.numHiddenLayers}`);
   if (isLast && opts.next)
     throw new Error(`--next ${opts.next} given, but layers [${first}, ${end}) include the last layer (no next stage)`);
+  const allowlist = new ReplyAllowlist(opts.allowReplyTo);
+  if (allowlist.list().length === 0)
+    throw new Error(
+      '--allow-reply-to is required: the coordinator ResultSink address(es) (its --sink-advertise, else its --sink-listen) this stage may send results to',
+    );
   const ckpt = Checkpoint.open(modelDir);
   let fingerprint: string;
   try {
@@ -98,21 +111,26 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
 
   const where = `stage [${first}, ${end})`;
-  const sinks = new ResultSinks(log);
+  const credentials = internalClient(opts.security);
+  const sinks = new ResultSinks(log, allowlist, credentials);
   const next = opts.next
-    ? new NextHop(opts.next, log, (lost, why) =>
-        sinks.deliver(lost.replyTo, {
-          micro_batch_id: lost.microBatchId,
-          results: [],
-          stage_compute_ms: [],
-          error: {
-            kind: 'STAGE_ERROR_KIND_STAGE_LOST',
-            message: `${where} could not pass micro-batch ${lost.microBatchId} on: ${why}`,
-            sequence_id: 0,
-            status_code: 0,
-          },
-          refusals: lost.refusals,
-        }),
+    ? new NextHop(
+        opts.next,
+        log,
+        (lost, why) =>
+          sinks.deliver(lost.replyTo, {
+            micro_batch_id: lost.microBatchId,
+            results: [],
+            stage_compute_ms: [],
+            error: {
+              kind: 'STAGE_ERROR_KIND_STAGE_LOST',
+              message: `${where} could not pass micro-batch ${lost.microBatchId} on: ${why}`,
+              sequence_id: 0,
+              status_code: 0,
+            },
+            refusals: lost.refusals,
+          }),
+        credentials,
       )
     : undefined;
   const service = new ShardService(
@@ -135,9 +153,10 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
         visualEnd: visual.start + visual.count,
       },
     },
-    { next, sinks },
+    { next, sinks, replyAllowlist: allowlist },
     log,
   );
+  warnIfOpen(opts.security, log);
   shardTelemetry().watchStage([first, end], () => service.ledger, capacity);
   const close = async () => {
     service.stopLease();
@@ -154,6 +173,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
       drainTimeoutMs: opts.drainTimeoutMs,
       handleSignals: opts.handleSignals,
       onClose: close,
+      ...internalServe(opts.security),
     });
   } catch (err) {
     await close();

@@ -35,7 +35,7 @@ import type { ForwardOutput, StageRuntime } from '../../lib/runtime/stage-runtim
 import { shardTelemetry } from '../../lib/telemetry/shard.js';
 import type { KvCapacity } from './capacity.js';
 import { KvLedger, ShardRequestError } from './kv-ledger.js';
-import type { NextHop, ResultSinks } from './links.js';
+import type { NextHop, ReplyAllowlist, ResultSinks } from './links.js';
 import { PenaltySets } from './penalty-sets.js';
 import { type BatchPlan, planBatch, planKvCommand, type StageLimits, samplingRows } from './validate.js';
 
@@ -71,7 +71,7 @@ export class ShardService {
   constructor(
     private readonly runtime: StageRuntime,
     private readonly about: ShardDescription,
-    private readonly links: { next?: NextHop; sinks: ResultSinks },
+    private readonly links: { next?: NextHop; sinks: ResultSinks; replyAllowlist: ReplyAllowlist },
     private readonly log: Logger,
   ) {
     this.ledger = new KvLedger(about.capacity.slots, about.capacity.slotTokens);
@@ -203,6 +203,14 @@ export class ShardService {
     const queueMs = performance.now() - receivedAt;
     const id = request.batch?.micro_batch_id ?? 0;
     try {
+      // Before anything else (even an epoch takeover): a batch naming a ResultSink the operator did not configure is
+      // not run, not forwarded, and not reported to that address; only the sender hears of it.
+      const badReply = request.batch ? this.links.replyAllowlist.refusal(request.batch.reply_to ?? '') : null;
+      if (badReply) {
+        const error = stageError('STAGE_ERROR_KIND_INTERNAL', `${this.where()}: micro-batch ${id}: ${badReply}`);
+        this.log.warn('micro-batch not run', { microBatch: id, kind: error.kind, error: error.message });
+        return { micro_batch_id: id, error, compute_ms: 0, queue_ms: queueMs };
+      }
       const epoch = request.epoch ?? 0;
       const stale = this.staleReason(epoch);
       if (stale) {

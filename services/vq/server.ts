@@ -1,6 +1,7 @@
 // The vq service process: load the VQ directory, start `workers` codecs (one ORT worker thread each), put them behind
 // a bounded queue, serve VqService + grpc.health.v1 until SIGTERM/SIGINT, then drain and stop the workers.
 import { availableParallelism } from 'node:os';
+import { type InternalSecurity, internalServe, warnIfOpen } from '../../lib/rpc/internal-security.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { serviceDefinition } from '../../lib/rpc/proto.js';
 import { DEFAULT_MAX_MESSAGE_BYTES, type RunningServer, serve } from '../../lib/rpc/serve.js';
@@ -32,6 +33,8 @@ export interface VqServerOptions {
   /** How long in-flight requests may take once draining starts. Default 30 s. */
   drainTimeoutMs?: number;
   handleSignals?: boolean;
+  /** The pipeline's secret and mTLS, demanded of every caller but health probes. */
+  security?: InternalSecurity;
 }
 
 export const DEFAULT_QUEUE_LIMIT = 16;
@@ -63,8 +66,10 @@ export async function startVqServer(opts: VqServerOptions): Promise<RunningServe
   log.info('VQ ready', { ms: Math.round(performance.now() - started), codebookSize: info.codebookSize });
   const pool = new WorkerPool(codecs, opts.queueLimit ?? DEFAULT_QUEUE_LIMIT, 'vq');
   vqTelemetry().watchPool(pool);
+  warnIfOpen(opts.security, log);
   try {
     return await serve({
+      ...internalServe(opts.security),
       address: opts.address,
       log,
       maxReceiveMessageBytes: maxMessageBytes,

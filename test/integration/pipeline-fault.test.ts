@@ -42,7 +42,16 @@ test('a shard killed mid-answer and restarted: the answers complete unchanged', 
     startChild(
       'shard-1-restarted',
       victim.address,
-      ['shard', '--model', h.modelDir, '--layers', `${a}-${b}`, '--listen', victim.address],
+      [
+        'shard',
+        '--model',
+        h.modelDir,
+        '--layers',
+        `${a}-${b}`,
+        '--listen',
+        victim.address,
+        ...h.system.shardSecurityArgs,
+      ],
       join(h.work, 'logs'),
     ),
   );

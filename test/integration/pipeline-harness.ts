@@ -29,7 +29,7 @@ export async function startHarness(
   coordinatorArgs: string[] = [],
   shardArgs: string[] = [],
   /** More system options (metrics endpoints, environment for the children). */
-  extra: Pick<SystemOptions, 'metrics' | 'env'> = {},
+  extra: Pick<SystemOptions, 'metrics' | 'env' | 'authTokenFile' | 'tls'> = {},
 ): Promise<Harness> {
   const work = mkdtempSync(join(tmpdir(), 'emu3-pipeline-'));
   const modelDir = join(work, 'emu3-tiny');
@@ -41,6 +41,7 @@ export async function startHarness(
     loadEmu3Config(modelDir),
   );
   const client = emu3Client(system.address);
+  // With public auth or TLS the tests make their own clients; this one still serves health and the open API.
   return {
     work,
     modelDir,
@@ -108,7 +109,7 @@ export function unary<T>(client: grpc.Client, method: string, request: object): 
 export async function shardInfos(system: RunningSystem): Promise<ShardInfo[]> {
   return Promise.all(
     system.shardAddresses.map(async (a) => {
-      const c = createClient(SHARD_PROTO, SHARD_SERVICE, a);
+      const c = createClient(SHARD_PROTO, SHARD_SERVICE, a, { credentials: system.internalCredentials });
       try {
         return await unaryCall<object, ShardInfo>(c, 'Info', {}, { deadlineMs: 5000 });
       } finally {

@@ -152,6 +152,7 @@ test(
         victim.address,
         '--coordinator-lease',
         String(LEASE_MS),
+        ...h.system.shardSecurityArgs,
       ],
       join(h.work, 'logs'),
     );

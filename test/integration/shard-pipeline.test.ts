@@ -58,6 +58,7 @@ let epoch = 1;
 
 function startShard(layers: string, next?: string, extra: string[] = []): Promise<Shard> {
   const args = ['shard', '--model', modelDir, '--layers', layers, '--listen', '127.0.0.1:0'];
+  args.push('--allow-reply-to', sink.address);
   if (next) args.push('--next', next);
   args.push('--max-slots', String(SLOTS), '--slot-tokens', String(SLOT_TOKENS), '--threads', '1', ...extra);
   return spawnService(args, `shard ${layers}`, 60_000);
@@ -995,7 +996,7 @@ test(
       // The last stage comes back at the same address: the very next batch reaches it (stage 0 waits for its channel
       // to reconnect rather than failing on the connection refused a moment ago).
       const args = ['shard', '--model', modelDir, '--layers', '2-4', '--listen', last.address, '--threads', '1'];
-      args.push('--max-slots', String(SLOTS), '--slot-tokens', String(SLOT_TOKENS));
+      args.push('--max-slots', String(SLOTS), '--slot-tokens', String(SLOT_TOKENS), '--allow-reply-to', sink.address);
       extraShards.push(await spawnService(args, 'shard 2-4 restarted', 60_000));
       const again = await d.run([{ seq: 83, slot: 3, start: 0, tokens: [151849, 8], sample: side(83) }]);
       assert.deepEqual([again.result.error, again.result.results.map((r) => r.sequence_id)], [null, [83]]);

@@ -53,13 +53,15 @@ test('the leader runs the coordinator over workers 1..size-1 and advertises its 
   assert.deepEqual(argv('coordinator', 2, 0).slice(0, 3), ['coordinator', '--shards', 'emu3-2-1.emu3.serving:50061']);
 });
 
-test('worker w runs stage w-1 of size-1 with --next worker w+1; the last stage gets no --next', () => {
+test('worker w runs stage w-1 of size-1 with --next worker w+1 (none on the last), results only to its leader', () => {
+  const replyTo = ['--allow-reply-to', 'emu3-2.emu3.serving:50060'];
   assert.deepEqual(argv('shard', 4, 1, '--model', '/m'), [
     'shard',
     '--stage-index',
     '0',
     '--stages',
     '3',
+    ...replyTo,
     '--next',
     'emu3-2-2.emu3.serving:50061',
     '--model',
@@ -71,11 +73,12 @@ test('worker w runs stage w-1 of size-1 with --next worker w+1; the last stage g
     '1',
     '--stages',
     '3',
+    ...replyTo,
     '--next',
     'emu3-2-3.emu3.serving:50061',
   ]);
-  assert.deepEqual(argv('shard', 4, 3), ['shard', '--stage-index', '2', '--stages', '3']);
-  assert.deepEqual(argv('shard', 2, 1), ['shard', '--stage-index', '0', '--stages', '1']);
+  assert.deepEqual(argv('shard', 4, 3), ['shard', '--stage-index', '2', '--stages', '3', ...replyTo]);
+  assert.deepEqual(argv('shard', 2, 1), ['shard', '--stage-index', '0', '--stages', '1', ...replyTo]);
 });
 
 test('lws-entry.sh refuses what is not a LeaderWorkerSet pod of the right shape, naming the problem', () => {

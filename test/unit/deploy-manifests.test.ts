@@ -33,7 +33,7 @@ const image = {
   cmd: execForm(runtime.instructions.find((i) => i.keyword === 'CMD')!),
 };
 /** Flags the security and webgpu components pass that emu3 may not have yet (docs/deploy.md, "Optional parts"). */
-const PENDING_FLAGS = new Set(['auth-token-file', 'internal-token-file', 'tls-cert', 'tls-key', 'tls-ca']);
+const PENDING_FLAGS = new Set<string>();
 const COMMANDS = new Map([
   ['coordinator', coordinatorCommand.spec],
   ['shard', shardCommand.spec],
