@@ -173,7 +173,7 @@ export function samplingRows(plan: BatchPlan, penalties: PenaltySets): { rows: S
     const partner = s.guidance ? plan.sampled.find((p) => p.sequenceId === s.guidance?.partnerSequenceId) : null;
     if (s.guidance && !partner) throw new Error(`sequence ${s.sequenceId}: its guidance partner is not in the run`);
     const cfg = s.guidance && partner ? { partnerRow: partner.index, scale: s.guidance.scale } : null;
-    rows[s.index] = { ...s.row, penalisedIds: s.penaltyOn ? [...set] : [], cfg };
+    rows[s.index] = { ...s.row, penalisedIds: s.penaltyOn ? [...set] : [], ...(cfg ? { cfg } : {}) };
   }
   return {
     rows,
