@@ -3,9 +3,14 @@
 // constraint; the PNG follows the ratio; same seed → same PNG bytes whatever runs beside it (chat included); a
 // cancel mid-image frees both sequences on every stage; Tokenize gives upstream's G-mode prompt.
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { promisify } from 'node:util';
 import type * as grpc from '@grpc/grpc-js';
 import sharp from 'sharp';
+import { binPath } from '../../cli/system.js';
 import { imageLayoutLength, layoutIds } from '../../lib/prompt/index.js';
 import { generationPrompts } from '../../lib/prompt/prompt.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
@@ -14,6 +19,7 @@ import { Emu3Reference } from '../reference/emu3-f64.js';
 import { referenceImageTokens } from '../reference/gen-f64.js';
 import { generate, type Harness, shardInfos, sleep, startHarness, unary } from './pipeline-harness.js';
 
+const run = promisify(execFile);
 let h: Harness;
 let tok: Emu3Tokenizer;
 let ref: Emu3Reference;
@@ -178,4 +184,30 @@ test('bad image requests are INVALID_ARGUMENT naming the field', { timeout: 60_0
       assert.match(e.details, field);
       return true;
     });
+});
+
+test('emu3 imagine writes the same PNG as the API for the same seed and size', { timeout: 120_000 }, async () => {
+  const out = join(h.work, 'cli.png');
+  const args = [
+    'imagine',
+    '--addr',
+    h.system.address,
+    '--size',
+    '32x32',
+    '--seed',
+    '77',
+    '--guidance',
+    '2',
+    '--out',
+    out,
+  ];
+  const { stderr } = await run(process.execPath, [binPath(), ...args, 'a small red house'], { timeout: 60_000 });
+  assert.match(stderr, /\[#+\] 4\/4 rows/);
+  assert.match(stderr, /wrote .*cli\.png \(32x32 px\)/);
+  const api = await imagine({
+    parts: [{ text: 'a small red house' }],
+    sampling: { seed: 77 },
+    image: { width: 32, height: 32, guidanceScale: 2 },
+  }).done;
+  assert.ok(readFileSync(out).equals(Buffer.from(api.final.image.png)));
 });
