@@ -62,7 +62,7 @@ export type EngineEvent =
   | { type: 'admitted'; queueMs: number }
   | { type: 'delta'; text: string; tokenIds: number[]; logprobs: TokenLogprob[] }
   /** An image job: another row of the grid is complete (every row once, in order). */
-  | { type: 'progress'; rowsDone: number; rows: number }
+  | { type: 'progress'; rowsDone: number; rows: number; rowCodes: Int32Array }
   | {
       type: 'final';
       /** An image job's code grid (row-major, each in 0..32767), complete. */
@@ -590,8 +590,11 @@ export class Engine {
       side.history.push(token.id);
       side.generated++;
     }
-    if (token.id === this.opts.tokenizer.roles.eol && (step + 1) % (width + 1) === 0)
-      seq.job.onEvent({ type: 'progress', rowsDone: (step + 1) / (width + 1), rows: height });
+    if (token.id === this.opts.tokenizer.roles.eol && (step + 1) % (width + 1) === 0) {
+      const rowsDone = (step + 1) / (width + 1);
+      const rowCodes = seq.codes!.slice((rowsDone - 1) * width, rowsDone * width);
+      seq.job.onEvent({ type: 'progress', rowsDone, rows: height, rowCodes });
+    }
     if (seq.generated >= imageLayoutLength(image.grid)) this.finish(seq, 'FINISH_REASON_EOS', '');
   }
 

@@ -32,6 +32,7 @@ export interface GenerateRequestLike {
     negativePrompt?: string | null;
     qualitySuffix?: boolean | null;
     returnCodes?: boolean | null;
+    previewRows?: boolean | null;
   } | null;
 }
 
@@ -42,6 +43,8 @@ export interface ValidImage {
   negativePrompt: string;
   qualitySuffix: boolean;
   returnCodes: boolean;
+  /** Each progress message carries the row's codes. */
+  previewRows: boolean;
 }
 
 export type ValidPart = { kind: 'text'; text: string } | { kind: 'image'; data: Uint8Array; mimeType: string };
@@ -293,6 +296,7 @@ function validateImage(req: GenerateRequestLike, parts: ValidPart[], limits: Req
     negativePrompt,
     qualitySuffix: img.qualitySuffix ?? true,
     returnCodes: img.returnCodes ?? false,
+    previewRows: img.previewRows ?? false,
   };
 }
 

@@ -198,7 +198,13 @@ async function generateImage(
     for (;;) {
       const e = await events.next(signal);
       if (e.type === 'progress') {
-        await send({ progress: { rowsDone: e.rowsDone, rows: e.rows } });
+        await send({
+          progress: {
+            rowsDone: e.rowsDone,
+            rows: e.rows,
+            rowCodes: image.previewRows ? Array.from(e.rowCodes) : [],
+          },
+        });
         continue;
       }
       obs.event(e);

@@ -33,7 +33,7 @@ after(async () => {
 });
 
 interface ImageAnswer {
-  progress: { rowsDone: number; rows: number }[];
+  progress: { rowsDone: number; rows: number; rowCodes: number[] }[];
   // biome-ignore lint/suspicious/noExplicitAny: the decoded Final message
   final: any;
 }
@@ -85,7 +85,7 @@ test(
     const a = await imagine({
       parts: [{ text }],
       sampling: { temperature: 0 },
-      image: { width: 32, height: 32, returnCodes: true },
+      image: { width: 32, height: 32, returnCodes: true, previewRows: true },
     }).done;
     const img = a.final.image;
     assert.deepEqual([img.gridHeight, img.gridWidth, img.width, img.height], [4, 4, 32, 32]);
@@ -96,8 +96,13 @@ test(
       referenceCodes(text, { height: 4, width: 4 }, { temperature: 0, seed: 0, guidance: 3 }),
     );
     assert.deepEqual(
-      a.progress,
+      a.progress.map((p) => ({ rowsDone: p.rowsDone, rows: p.rows })),
       [1, 2, 3, 4].map((rowsDone) => ({ rowsDone, rows: 4 })),
+    );
+    assert.deepEqual(
+      a.progress.flatMap((p) => p.rowCodes),
+      img.codes,
+      'the row previews are the grid, row by row',
     );
     const meta = await sharp(img.png).metadata();
     assert.deepEqual([meta.format, meta.width, meta.height], ['png', 32, 32]);
@@ -118,6 +123,11 @@ test(
     const img = alone.final.image;
     assert.deepEqual([img.gridHeight, img.gridWidth, img.width, img.height], [3, 6, 48, 24]);
     assert.equal(alone.final.seed, 1234);
+    assert.deepEqual(
+      alone.progress.map((p) => p.rowCodes.length),
+      [0, 0, 0],
+      'no row codes unless asked',
+    );
     assert.deepEqual(
       img.codes,
       referenceCodes(text, { height: 3, width: 6 }, { temperature: 1, seed: 1234, guidance: 2.5 }),

@@ -210,6 +210,7 @@ test('TASK_GENERATE_IMAGE defaults: 1:1 from image_area, guidance 3, top_k 2048 
     negativePrompt: CFG_NEGATIVE_PROMPT,
     qualitySuffix: true,
     returnCodes: false,
+    previewRows: false,
   });
   assert.deepEqual([v.sampling.temperature, v.sampling.topK, v.sampling.topP], [1, 2048, 1]);
   // "16:9" at 518,400 px is upstream's 68×120; a pixel size is its ratio in lowest terms and its area
