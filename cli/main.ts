@@ -66,6 +66,11 @@ const commands: Entry[] = [
     summary: 'stream an answer about images and text from the coordinator',
     load: async () => (await import('./chat.js')).command,
   },
+  {
+    name: 'imagine',
+    summary: 'generate an image from text (Emu3-Gen) with a progress bar; writes a PNG',
+    load: async () => (await import('./imagine.js')).command,
+  },
 ];
 
 /** Every command's flag spec (loads every command module). */

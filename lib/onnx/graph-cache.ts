@@ -10,7 +10,7 @@ import { GraphBuilder } from './graph.js';
 import { buildStageGraph, checkStageSpec, type StageShape, type StageSpec } from './stage-graph.js';
 
 /** Bump when the graph layout changes, so old cache entries are not reused. */
-export const STAGE_GRAPH_VERSION = 6;
+export const STAGE_GRAPH_VERSION = 7;
 
 export interface CachedStage {
   onnxPath: string;

@@ -1,7 +1,11 @@
 // The last stage's whole-vocabulary logit work, in the graph after lm_head (docs/architecture.md, "Sampling split"), so the full logits never
 // leave ORT. Per row, in transformers' order:
 //
-//   masked    = Where(mask_begin ≤ id < mask_end, -inf, logits)            task mask (begin = end: none)
+//   guided    = cfg_on ? s·(lsm(logits) − lsm(logits[partner])) + lsm(logits[partner]) : logits
+//                                                                          classifier-free guidance (Emu3-Gen)
+//   masked    = Where(mask_begin ≤ id < mask_end or not keep_begin ≤ id < keep_end, -inf, guided)
+//                                                                          task mask (begin = end: none) and the
+//                                                                          image-layout constraint (keep [0, vocab): none)
 //   penalised = ScatterElements(masked, ids, g < 0 ? g·p : g/p)            g = GatherElements(masked, ids); HF penalty
 //   scaled    = penalised / temperature                                    1 for greedy
 //   lse       = ReduceLogSumExp(scaled)                                    over the whole vocabulary, in float64
@@ -11,11 +15,17 @@
 // ORT computes only what the fetched outputs need, so a step that wants only candidates never builds the full row.
 // Penalty ids are a padded [B, P] list: padding repeats the row's first id (or id 0 with penalty 1), and since every
 // write of one id carries the same value, the duplicates of ScatterElements are harmless.
+//
+// Guidance pairs two rows of one run: the conditional row names the unconditional row (`cfg_partner`, a row index of
+// the same run) and takes upstream's UnbatchedClassifierFreeGuidanceLogitsProcessor score, with lsm the log-softmax
+// over the whole vocabulary (its log-sum-exp in float64, as below). The unconditional row itself is left as it is
+// (its partner is itself, cfg_on 0): only the conditional row's candidates are drawn from.
 import type { Dim, GraphBuilder } from './graph.js';
 
 /** ONNX TensorProto element types for Cast. */
 const FLOAT = 1;
 const DOUBLE = 11;
+const BOOL = 9;
 
 export const samplingIo = {
   maskBegin: 'sampling.mask_begin',
@@ -23,6 +33,11 @@ export const samplingIo = {
   penaltyIds: 'sampling.penalty_ids',
   penalty: 'sampling.penalty',
   temperature: 'sampling.temperature',
+  keepBegin: 'sampling.keep_begin',
+  keepEnd: 'sampling.keep_end',
+  cfgOn: 'sampling.cfg_on',
+  cfgPartner: 'sampling.cfg_partner',
+  cfgScale: 'sampling.cfg_scale',
   topK: 'sampling.top_k',
   topLogprobs: 'sampling.top_logprobs',
   topIds: 'sampling.top_ids',
@@ -44,6 +59,11 @@ export interface SamplingRow {
   topK: number;
   /** This row also wants the whole row of logprobs. */
   fullRow: boolean;
+  /** Only ids [keepBegin, keepEnd) may be drawn (the image-layout constraint). Default [0, vocab): all. */
+  keepBegin?: number;
+  keepEnd?: number;
+  /** Classifier-free guidance: the unconditional row's index in this run and the scale. Default none. */
+  cfg?: { partnerRow: number; scale: number } | null;
 }
 
 /** A row that leaves the logits as they are. */
@@ -66,8 +86,35 @@ export function addSamplingHead(g: GraphBuilder, logits: string, vocab: number):
   const penalty = g.input(samplingIo.penalty, 'float', rows);
   const temperature = g.input(samplingIo.temperature, 'float', rows);
   const k = g.input(samplingIo.topK, 'int64', [1]);
+  const keepBegin = g.input(samplingIo.keepBegin, 'int64', rows);
+  const keepEnd = g.input(samplingIo.keepEnd, 'int64', rows);
+  const cfgOn = g.input(samplingIo.cfgOn, 'int64', rows);
+  const cfgPartner = g.input(samplingIo.cfgPartner, 'int64', ['batch']);
+  const cfgScale = g.input(samplingIo.cfgScale, 'float', rows);
 
   const p = 'sampling';
+  const lastAxis = g.constInt64(`${p}.last_axis`, [-1]);
+  const logSoftmax = (x: string, name: string) => {
+    const lse64 = g.op(
+      'ReduceLogSumExp',
+      [g.op('Cast', [x], `${name}.f64`, { to: DOUBLE }), lastAxis],
+      `${name}.lse_f64`,
+      { keepdims: 1 },
+    );
+    return g.op('Sub', [x, g.op('Cast', [lse64], `${name}.lse`, { to: FLOAT })], `${name}.lsm`);
+  };
+  const lsm = logSoftmax(logits, `${p}.cfg`);
+  const partnerLsm = g.op('Gather', [lsm, cfgPartner], `${p}.cfg_partner_lsm`, { axis: 0 });
+  const guidedScores = g.op(
+    'Add',
+    [g.op('Mul', [cfgScale, g.op('Sub', [lsm, partnerLsm], `${p}.cfg_diff`)], `${p}.cfg_scaled`), partnerLsm],
+    `${p}.cfg_scores`,
+  );
+  const guided = g.op(
+    'Where',
+    [g.op('Cast', [cfgOn], `${p}.cfg_on_bool`, { to: BOOL }), guidedScores, logits],
+    `${p}.guided`,
+  );
   const ids = g.op(
     'Unsqueeze',
     [
@@ -89,8 +136,14 @@ export function addSamplingHead(g: GraphBuilder, logits: string, vocab: number):
     [g.op('GreaterOrEqual', [ids, maskBegin], `${p}.ge_begin`), g.op('Less', [ids, maskEnd], `${p}.lt_end`)],
     `${p}.in_mask`,
   );
+  const kept = g.op(
+    'And',
+    [g.op('GreaterOrEqual', [ids, keepBegin], `${p}.ge_keep`), g.op('Less', [ids, keepEnd], `${p}.lt_keep`)],
+    `${p}.in_keep`,
+  );
+  const removed = g.op('Or', [inMask, g.op('Not', [kept], `${p}.out_of_keep`)], `${p}.removed`);
   const minusInf = g.constFloat(`${p}.minus_inf`, [Number.NEGATIVE_INFINITY], []);
-  const masked = g.op('Where', [inMask, minusInf, logits], `${p}.masked`);
+  const masked = g.op('Where', [removed, minusInf, guided], `${p}.masked`);
 
   const picked = g.op('GatherElements', [masked, penaltyIds], `${p}.picked`, { axis: 1 });
   const isNegative = g.op('Less', [picked, g.constFloat(`${p}.zero_f`, [0], [])], `${p}.picked_negative`);
@@ -109,7 +162,7 @@ export function addSamplingHead(g: GraphBuilder, logits: string, vocab: number):
   // Summed in float64: a float32 sum over 184,622 terms is off by ~1e-4 in the log (measured); the cast costs little.
   const lse64 = g.op(
     'ReduceLogSumExp',
-    [g.op('Cast', [scaled], `${p}.scaled_f64`, { to: DOUBLE }), g.constInt64(`${p}.last_axis`, [-1])],
+    [g.op('Cast', [scaled], `${p}.scaled_f64`, { to: DOUBLE }), lastAxis],
     `${p}.lse_f64`,
     { keepdims: 1 },
   );
@@ -151,12 +204,33 @@ export function samplingFeeds(
   const penaltyIds = new BigInt64Array(B * P);
   const penalty = new Float32Array(B);
   const temperature = new Float32Array(B);
+  const keepBegin = new BigInt64Array(B);
+  const keepEnd = new BigInt64Array(B);
+  const cfgOn = new BigInt64Array(B);
+  const cfgPartner = new BigInt64Array(B);
+  const cfgScale = new Float32Array(B);
   rows.forEach((r, b) => {
     const where = `sampling row ${b}`;
     if (!(r.temperature > 0) || !Number.isFinite(r.temperature))
       throw new Error(`${where}: temperature ${r.temperature} must be finite and > 0 (1 for greedy)`);
     if (!(r.repetitionPenalty > 0) || !Number.isFinite(r.repetitionPenalty))
       throw new Error(`${where}: repetitionPenalty ${r.repetitionPenalty} must be finite and > 0 (1 for off)`);
+    const kb = r.keepBegin ?? 0;
+    const ke = r.keepEnd ?? vocab;
+    if (!Number.isInteger(kb) || !Number.isInteger(ke) || kb < 0 || ke > vocab || kb >= ke)
+      throw new Error(`${where}: keep range [${kb}, ${ke}) must be a non-empty part of [0, ${vocab})`);
+    keepBegin[b] = BigInt(kb);
+    keepEnd[b] = BigInt(ke);
+    cfgPartner[b] = BigInt(b);
+    if (r.cfg) {
+      const { partnerRow, scale } = r.cfg;
+      if (!Number.isInteger(partnerRow) || partnerRow < 0 || partnerRow >= B || partnerRow === b)
+        throw new Error(`${where}: guidance partner row ${partnerRow} must be another row of the run (0..${B - 1})`);
+      if (!Number.isFinite(scale)) throw new Error(`${where}: guidance scale ${scale} must be finite`);
+      cfgOn[b] = 1n;
+      cfgPartner[b] = BigInt(partnerRow);
+      cfgScale[b] = scale;
+    }
     maskBegin[b] = BigInt(r.maskBegin);
     maskEnd[b] = BigInt(r.maskEnd);
     temperature[b] = r.temperature;
@@ -176,5 +250,10 @@ export function samplingFeeds(
     [samplingIo.penalty]: { type: 'float32', data: penalty, dims: [B, 1] },
     [samplingIo.temperature]: { type: 'float32', data: temperature, dims: [B, 1] },
     [samplingIo.topK]: { type: 'int64', data: BigInt64Array.of(BigInt(k)), dims: [1] },
+    [samplingIo.keepBegin]: { type: 'int64', data: keepBegin, dims: [B, 1] },
+    [samplingIo.keepEnd]: { type: 'int64', data: keepEnd, dims: [B, 1] },
+    [samplingIo.cfgOn]: { type: 'int64', data: cfgOn, dims: [B, 1] },
+    [samplingIo.cfgPartner]: { type: 'int64', data: cfgPartner, dims: [B] },
+    [samplingIo.cfgScale]: { type: 'float32', data: cfgScale, dims: [B, 1] },
   };
 }

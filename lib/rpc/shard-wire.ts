@@ -63,6 +63,12 @@ export interface SamplingSide {
   top_k: number;
   full_row: boolean;
   penalty_reset: boolean;
+  /** MASK_KIND_IMAGE_LAYOUT: the ids that may be drawn, [allow_begin, allow_end). */
+  allow_begin?: number;
+  allow_end?: number;
+  /** Classifier-free guidance: the unconditional partner's sequence_id (0 = none) and the scale. */
+  cfg_uncond_sequence_id?: number;
+  guidance_scale?: number;
 }
 
 export interface MicroBatch {

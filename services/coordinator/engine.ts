@@ -10,6 +10,8 @@
 // somewhere, so every running sequence keeps its token history and is prefilled again once the caller has brought
 // the pipeline back (suspend → Reset → resume). Nothing else resets the pipeline.
 
+import type { TokenGrid } from '../../lib/prompt/generation-size.js';
+import { type AllowedTokens, imageLayoutAllowed, imageLayoutLength, layoutIds } from '../../lib/prompt/layout.js';
 import {
   float32Values,
   int32Values,
@@ -59,8 +61,12 @@ export interface TokenLogprob {
 export type EngineEvent =
   | { type: 'admitted'; queueMs: number }
   | { type: 'delta'; text: string; tokenIds: number[]; logprobs: TokenLogprob[] }
+  /** An image job: another row of the grid is complete (every row once, in order). */
+  | { type: 'progress'; rowsDone: number; rows: number; rowCodes: Int32Array }
   | {
       type: 'final';
+      /** An image job's code grid (row-major, each in 0..32767), complete. */
+      image?: { height: number; width: number; codes: Int32Array };
       finishReason: FinishReason;
       stopString: string;
       usage: { promptTokens: number; cachedTokens: number; completionTokens: number };
@@ -70,8 +76,18 @@ export type EngineEvent =
     }
   | { type: 'error'; error: Error };
 
+/** Emu3-Gen: the prompt is the conditional side; the engine runs the unconditional side beside it. */
+export interface ImageJob {
+  grid: TokenGrid;
+  /** The unconditional prompt (bos, negative text, the same image prefix). */
+  negativePrompt: readonly number[];
+  guidanceScale: number;
+}
+
 export interface GenerateJob {
   prompt: readonly number[];
+  /** Set for an image: the pair is admitted, batched, cancelled and freed as one; maxNewTokens is the layout's. */
+  image?: ImageJob;
   maxNewTokens: number;
   sampling: ValidSampling;
   /** The seed in force (the request's or one the server chose). */
@@ -146,6 +162,11 @@ class Sequence implements SchedSeq {
   penaltySent = 0;
   admittedAt = 0;
   firstTokenAt = 0;
+  /** A guidance pair: the partner's id and this side (set by submit). */
+  pairOf: string | null = null;
+  pairRole: 'cond' | 'uncond' | null = null;
+  /** The conditional side of an image job: its codes so far. */
+  codes: Int32Array | null = null;
   readonly sampler: RequestSampler;
   readonly plan: LastStagePlan;
   readonly detok: StreamDetokenizer;
@@ -213,21 +234,55 @@ export class Engine {
     if (this.stopped) throw this.stopped;
     if (this.draining) throw new UnavailableError('the coordinator is shutting down and takes no new requests');
     if (this.downReason !== null) throw new UnavailableError(this.downReason);
+    const { maxBatchSeqs, maxBatchTokens, maxRunning } = this.opts.scheduler;
+    if (job.image && Math.min(maxBatchSeqs, maxBatchTokens, maxRunning) < 2)
+      throw new ResourceExhaustedError(
+        'an image needs 2 sequences (with guidance) in one micro-batch: --max-batch-seqs, --max-batch-tokens and the ' +
+          'KV slots must each be at least 2',
+      );
     const num = this.nextSeq++;
     const id = String(num);
-    this.state.waiting.push(new Sequence(id, num, job, this.arrivals++, this.now(), this.opts.tokenizer));
+    const seq = new Sequence(id, num, job, this.arrivals, this.now(), this.opts.tokenizer);
+    this.state.waiting.push(seq);
+    if (job.image) this.state.waiting.push(this.unconditionalOf(seq, job.image));
+    this.arrivals++;
     this.pump();
     // The bound is on requests that must wait: admission (evicting cached prefixes if need be) has had its chance.
-    if (this.state.waiting.length > this.opts.maxQueue && dropWaiting(this.state, id))
+    if (this.state.waiting.length > this.opts.maxQueue && dropWaiting(this.state, id)) {
+      if (seq.pairOf) dropWaiting(this.state, seq.pairOf);
       throw new ResourceExhaustedError(
         `admission queue is full: ${this.opts.maxQueue} requests waiting (limit --max-queue = ${this.opts.maxQueue}); retry later`,
       );
+    }
     return { id, cancel: () => this.cancel(id) };
+  }
+
+  /** The unconditional side of an image job: the negative prompt, the same tokens appended, no events of its own. */
+  private unconditionalOf(cond: Sequence, image: ImageJob): Sequence {
+    const num = this.nextSeq++;
+    const uncond = new Sequence(
+      String(num),
+      num,
+      { ...cond.job, prompt: image.negativePrompt, onEvent: () => {}, trace: cond.job.trace },
+      cond.arrival,
+      cond.enqueuedAt,
+      this.opts.tokenizer,
+    );
+    cond.pairOf = uncond.id;
+    cond.pairRole = 'cond';
+    cond.codes = new Int32Array(image.grid.height * image.grid.width);
+    uncond.pairOf = cond.id;
+    uncond.pairRole = 'uncond';
+    return uncond;
   }
 
   /** Ends a request without an answer (client cancel, deadline, disconnect): its KV is freed on every stage. */
   cancel(id: string): void {
-    if (dropWaiting(this.state, id)) return;
+    const waiting = dropWaiting(this.state, id);
+    if (waiting) {
+      if (waiting.pairOf) dropWaiting(this.state, waiting.pairOf);
+      return;
+    }
     const seq = this.state.running.get(id);
     if (!seq || seq.ended) return;
     seq.ended = 'aborted';
@@ -336,7 +391,9 @@ export class Engine {
         continue;
       }
       try {
-        this.onToken(seq, distribution(r));
+        if (seq.pairRole === 'uncond') continue; // its row only guided the conditional one
+        if (seq.pairRole === 'cond') this.onImageToken(seq, distribution(r));
+        else this.onToken(seq, distribution(r));
       } catch (err) {
         this.failSeq(seq, new InternalError(err instanceof Error ? err.message : String(err)));
       }
@@ -454,8 +511,16 @@ export class Engine {
     });
   }
 
+  /** The ids the layout allows at an image sequence's next step (both sides: the conditional side's step). */
+  private layoutAllowed(seq: Sequence): AllowedTokens {
+    const image = seq.job.image!;
+    const cond = seq.pairRole === 'cond' ? seq : this.state.running.get(seq.pairOf!)!;
+    return imageLayoutAllowed(image.grid, cond.generated, layoutIds(this.opts.tokenizer));
+  }
+
   /** The last stage keeps each slot's penalised set: send it whole once (with a reset), then only what is new. */
   private samplingSide(seq: Sequence): SamplingSide {
+    if (seq.pairRole) return this.imageSamplingSide(seq);
     const s = seq.job.sampling;
     const penalty = s.repetitionPenalty !== 1;
     const reset = penalty && seq.penaltySent === 0;
@@ -471,6 +536,66 @@ export class Engine {
       full_row: seq.plan.fullRow,
       penalty_reset: reset,
     };
+  }
+
+  /**
+   * An image step: the layout constraint as the allowed range; the conditional side names its unconditional partner
+   * (guidance in the last stage's graph); the unconditional row is not drawn from (one candidate, temperature 1).
+   */
+  private imageSamplingSide(seq: Sequence): SamplingSide {
+    const allowed = this.layoutAllowed(seq);
+    const [allowBegin, allowEnd] =
+      allowed.kind === 'visual' ? [allowed.start, allowed.start + allowed.count] : [allowed.id, allowed.id + 1];
+    const cond = seq.pairRole === 'cond';
+    const s = seq.job.sampling;
+    const partner = cond ? this.state.running.get(seq.pairOf!)! : null;
+    return {
+      sequence_id: seq.num,
+      mask: 'MASK_KIND_IMAGE_LAYOUT',
+      allow_begin: allowBegin,
+      allow_end: allowEnd,
+      temperature: cond ? s.temperature : 1,
+      repetition_penalty: 1,
+      penalised_ids: [],
+      top_k: cond ? seq.plan.topK : 1,
+      full_row: cond ? seq.plan.fullRow : false,
+      penalty_reset: false,
+      cfg_uncond_sequence_id: partner ? partner.num : 0,
+      guidance_scale: partner ? seq.job.image!.guidanceScale : 0,
+    };
+  }
+
+  /** A token of an image: appended to both sides; a finished row is reported; eos at the layout's end ends it. */
+  private onImageToken(seq: Sequence, d: Distribution): void {
+    const image = seq.job.image!;
+    const uncond = this.state.running.get(seq.pairOf!);
+    if (!uncond) throw new Error(`the unconditional side of sequence ${seq.id} is gone`);
+    const allowed = this.layoutAllowed(seq);
+    const token = seq.sampler.next(d);
+    const ok =
+      allowed.kind === 'visual'
+        ? token.id >= allowed.start && token.id < allowed.start + allowed.count
+        : token.id === allowed.id;
+    if (!ok)
+      throw new Error(`the last stage offered token ${token.id} at image step ${seq.generated}, outside the layout`);
+    const now = this.now();
+    if (seq.generated === 0) seq.firstTokenAt = now;
+    const { width, height } = image.grid;
+    const step = seq.generated;
+    if (allowed.kind === 'visual') {
+      const row = Math.floor(step / (width + 1));
+      seq.codes![row * width + (step % (width + 1))] = token.id - allowed.start;
+    }
+    for (const side of [seq, uncond]) {
+      side.history.push(token.id);
+      side.generated++;
+    }
+    if (token.id === this.opts.tokenizer.roles.eol && (step + 1) % (width + 1) === 0) {
+      const rowsDone = (step + 1) / (width + 1);
+      const rowCodes = seq.codes!.slice((rowsDone - 1) * width, rowsDone * width);
+      seq.job.onEvent({ type: 'progress', rowsDone, rows: height, rowCodes });
+    }
+    if (seq.generated >= imageLayoutLength(image.grid)) this.finish(seq, 'FINISH_REASON_EOS', '');
   }
 
   private onToken(seq: Sequence, d: Distribution): void {
@@ -522,11 +647,16 @@ export class Engine {
   private finish(seq: Sequence, finishReason: FinishReason, stopString: string): void {
     const now = this.now();
     seq.ended = finishReason === 'FINISH_REASON_CANCELLED' ? 'aborted' : 'finished';
+    const image =
+      seq.codes && finishReason !== 'FINISH_REASON_CANCELLED'
+        ? { height: seq.job.image!.grid.height, width: seq.job.image!.grid.width, codes: seq.codes }
+        : undefined;
     seq.job.onEvent({
       type: 'final',
+      ...(image ? { image } : {}),
       finishReason,
       stopString,
-      usage: seq.usage(),
+      usage: this.usageOf(seq),
       firstTokenAt: seq.firstTokenAt,
       decodeMs: seq.firstTokenAt > 0 ? now - seq.firstTokenAt : 0,
     });
@@ -544,8 +674,28 @@ export class Engine {
     }
   }
 
+  /** An image's usage counts both sides' prompts (both are prefilled). */
+  private usageOf(seq: Sequence) {
+    const u = seq.usage();
+    const partner = seq.pairRole === 'cond' ? this.state.running.get(seq.pairOf!) : undefined;
+    if (!partner) return u;
+    return {
+      ...u,
+      promptTokens: u.promptTokens + partner.promptLength,
+      cachedTokens: u.cachedTokens + partner.cachedTokens,
+    };
+  }
+
   private failSeq(seq: Sequence, error: Error): void {
     if (seq.ended) return;
+    // The unconditional side has no events of its own: its failure is the image's.
+    if (seq.pairRole === 'uncond') {
+      const cond = this.state.running.get(seq.pairOf!);
+      if (cond && !cond.ended) {
+        this.failSeq(cond, error);
+        return;
+      }
+    }
     seq.ended = 'aborted';
     seq.job.onEvent({ type: 'error', error });
   }

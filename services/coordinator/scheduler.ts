@@ -13,7 +13,10 @@
 // * admission FIFO without overtaking, each admitted request reserving a slot and prompt + max_new_tokens positions
 //   up front, so the shards are never over-committed and nothing is preempted; cached prefixes are evicted (least
 //   recently used first) before a request is kept waiting, so they never keep a live request out; a request that
-//   could never fit is refused with ResourceExhausted naming the budget.
+//   could never fit is refused with ResourceExhausted naming the budget;
+// * a classifier-free-guidance pair (Emu3-Gen: the conditional sequence and its unconditional partner, `pairOf`) is
+//   one unit: admitted both or neither, prefilled each on its own but never to its last token, then every sampled
+//   step runs both as adjacent items of one micro-batch (conditional first), and when either ends both are released.
 import { ResourceExhaustedError } from './errors.js';
 import type { KvManager } from './kv-manager.js';
 import type { PrefixCache, PrefixEntry } from './prefix-cache.js';
@@ -63,6 +66,9 @@ export interface SchedSeq {
   pinned: PrefixEntry<CacheKv> | null;
   /** Set when the answer is over: the next plan releases its KV ('finished' may leave its prompt cached). */
   ended: 'finished' | 'aborted' | null;
+  /** A guidance pair: the partner's id, and which side this is. Unset for a sequence on its own. */
+  readonly pairOf?: string | null;
+  readonly pairRole?: 'cond' | 'uncond' | null;
 }
 
 export interface SchedulerState<S extends SchedSeq = SchedSeq> {
@@ -130,9 +136,19 @@ export interface StepPlan {
   batch: MicroBatchPlan | null;
 }
 
-/** Positions to prefill before decoding: the prompt, or after a lost KV everything but the last sampled token. */
+/**
+ * Positions to prefill before decoding: the prompt, or after a lost KV everything but the last sampled token. A pair's
+ * sequences stop one short of their history: that last token runs as the pair's sampled step, both together.
+ */
 export function prefillTarget(s: SchedSeq): number {
+  if (s.pairOf) return s.history.length - 1;
   return Math.max(s.promptLength, s.history.length - 1);
+}
+
+/** How a running sequence ends: its own end, or for one of a pair its partner's (both are released together). */
+export function endedOf(state: SchedulerState, s: SchedSeq): SchedSeq['ended'] {
+  if (s.ended || !s.pairOf) return s.ended;
+  return state.running.get(s.pairOf)?.ended ?? null;
 }
 
 /** Free KV as the plan spends it, and the evictions it makes, without touching the real state. */
@@ -169,9 +185,9 @@ class Budget {
     return true;
   }
 
-  /** Evicts until a slot and `tokens` positions are free; false (nothing more to evict) when they cannot be. */
-  makeRoom(tokens: number, keep: PrefixEntry<CacheKv> | null): boolean {
-    while (this.freeSlots.length === 0 || this.freeTokens < tokens) if (!this.evictOne(keep)) return false;
+  /** Evicts until `slots` slots and `tokens` positions are free; false (nothing more to evict) when they cannot be. */
+  makeRoom(tokens: number, keep: PrefixEntry<CacheKv> | null, slots = 1): boolean {
+    while (this.freeSlots.length < slots || this.freeTokens < tokens) if (!this.evictOne(keep)) return false;
     return true;
   }
 
@@ -194,13 +210,13 @@ export function planStep<S extends SchedSeq>(state: SchedulerState<S>, config: S
 
 function planReleases(state: SchedulerState, config: SchedulerConfig, budget: Budget): Release[] {
   const releases: Release[] = [];
-  const ended = [...state.running.values()].filter((s) => s.ended);
+  const ended = [...state.running.values()].filter((s) => endedOf(state, s));
   // Cache inserts first, from slots free before any ended sequence's own slot is given back (a copy's target must
   // not be a slot freed by the same command).
   let owner = state.nextCacheOwner;
   for (const s of ended) {
     let cacheInsert: CacheInsert | null = null;
-    if (s.ended === 'finished' && cacheable(s, state, config, budget)) {
+    if (endedOf(state, s) === 'finished' && cacheable(s, state, config, budget)) {
       const tokens = s.history.slice(0, s.promptLength);
       for (const e of state.cache.extendedBy(tokens)) if (budget.live(e)) budget.evictOne(null, e);
       while (budget.cacheSize >= config.prefixCacheEntries && budget.evictOne(null)) {}
@@ -233,9 +249,23 @@ function planAdmissions(
 ): Pick<StepPlan, 'admit' | 'reject'> {
   const admit: Admission[] = [];
   const reject: StepPlan['reject'] = [];
-  const ending = [...state.running.values()].filter((s) => s.ended).length;
+  const ending = [...state.running.values()].filter((s) => endedOf(state, s)).length;
   let runningCount = state.running.size - ending;
+  const taken = new Set<string>();
   for (const w of state.waiting) {
+    if (taken.has(w.id)) continue;
+    const partner = w.pairOf ? state.waiting.find((x) => x.id === w.pairOf) : undefined;
+    if (partner) {
+      taken.add(partner.id);
+      const r = admitPair(state, config, budget, w, partner, runningCount);
+      if (r === 'wait') break;
+      if ('error' in r) reject.push({ id: w.id, error: r.error }, { id: partner.id, error: r.error });
+      else {
+        admit.push(...r.admit);
+        runningCount += 2;
+      }
+      continue;
+    }
     const need = w.promptLength + w.maxNewTokens;
     if (!state.kv.fitsAtAll(need)) {
       reject.push({
@@ -266,6 +296,43 @@ function planAdmissions(
   return { admit, reject };
 }
 
+/** Both sequences of a guidance pair, or neither (they wait, or are refused together). */
+function admitPair(
+  state: SchedulerState,
+  config: SchedulerConfig,
+  budget: Budget,
+  a: SchedSeq,
+  b: SchedSeq,
+  runningCount: number,
+): 'wait' | { error: ResourceExhaustedError } | { admit: Admission[] } {
+  const needs = [a.promptLength + a.maxNewTokens, b.promptLength + b.maxNewTokens];
+  const total = needs[0] + needs[1];
+  if (state.kv.slotsTotal < 2 || total > state.kv.tokensTotal || config.maxRunning < 2)
+    return {
+      error: new ResourceExhaustedError(
+        `an image request needs 2 sequences (with guidance) of ${needs[0]} and ${needs[1]} tokens of KV, more than the ` +
+          `whole KV budget of ${state.kv.tokensTotal} tokens in ${state.kv.slotsTotal} slots (shard --kv-budget)`,
+      ),
+    };
+  if (runningCount + 2 > config.maxRunning) return 'wait';
+  const hits = [a, b].map((s) => {
+    const found =
+      config.prefixCacheEntries > 0 ? state.cache.match(s.history, s.promptLength - 1, (e) => budget.live(e)) : null;
+    return found && found.length >= config.minPrefixMatch ? found : null;
+  });
+  for (const h of hits) if (h) budget.kept.add(h.entry);
+  if (!budget.makeRoom(total, null, 2)) return 'wait';
+  return {
+    admit: [a, b].map((s, i) => ({
+      id: s.id,
+      slot: budget.takeSlot(needs[i]),
+      reserveTokens: needs[i],
+      cachedLength: hits[i]?.length ?? 0,
+      hit: hits[i]?.entry ?? null,
+    })),
+  };
+}
+
 interface Schedulable {
   id: string;
   slot: number;
@@ -275,6 +342,8 @@ interface Schedulable {
   lastScheduled: number;
   arrival: number;
   copy: { fromSlot: number; length: number } | null;
+  pairOf: string | null;
+  pairRole: 'cond' | 'uncond' | null;
 }
 
 function planBatch(
@@ -285,7 +354,7 @@ function planBatch(
   config: SchedulerConfig,
 ): MicroBatchPlan | null {
   const seqs: Schedulable[] = running
-    .filter((s) => !s.ended)
+    .filter((s) => !endedOf(state, s))
     .map((s) => ({
       id: s.id,
       slot: s.slot,
@@ -295,6 +364,8 @@ function planBatch(
       lastScheduled: s.lastScheduled,
       arrival: s.arrival,
       copy: s.pendingCopy,
+      pairOf: s.pairOf ?? null,
+      pairRole: s.pairRole ?? null,
     }));
   for (const a of admitted) {
     const w = state.waiting.find((x) => x.id === a.id)!;
@@ -307,27 +378,44 @@ function planBatch(
       lastScheduled: -1,
       arrival: w.arrival,
       copy: a.hit ? { fromSlot: a.hit.kv.slot, length: a.cachedLength } : null,
+      pairOf: w.pairOf ?? null,
+      pairRole: w.pairRole ?? null,
     });
   }
   const items: BatchItem[] = [];
   let tokens = 0;
   const decoding = seqs.filter((s) => s.computed >= s.target);
-  const decodeCap = Math.min(Math.ceil(decoding.length / config.stages), config.maxBatchSeqs, config.maxBatchTokens);
-  const readyDecodes = decoding
-    .filter((s) => !s.inFlight)
-    .sort((a, b) => a.lastScheduled - b.lastScheduled || a.arrival - b.arrival)
-    .slice(0, decodeCap);
-  for (const s of readyDecodes) {
-    items.push({
-      seqId: s.id,
-      kind: 'decode',
-      slot: s.slot,
-      start: s.computed,
-      count: 1,
-      sample: true,
-      copyPrefix: null,
-    });
-    tokens++;
+  // Decode units: a sequence on its own, or a pair (conditional first) once both sides are ready to sample.
+  const byId = new Map(seqs.map((s) => [s.id, s]));
+  const units: Schedulable[][] = [];
+  for (const s of decoding) {
+    if (!s.pairOf) units.push([s]);
+    else if (s.pairRole === 'cond') {
+      const u = byId.get(s.pairOf);
+      if (u && u.computed >= u.target) units.push([s, u]);
+    }
+  }
+  const unitCap = Math.min(Math.ceil(units.length / config.stages), config.maxBatchSeqs, config.maxBatchTokens);
+  const ready = units
+    .filter((u) => u.every((s) => !s.inFlight))
+    .sort((a, b) => a[0].lastScheduled - b[0].lastScheduled || a[0].arrival - b[0].arrival);
+  let taken = 0;
+  for (const unit of ready) {
+    if (taken >= unitCap) break;
+    if (items.length + unit.length > config.maxBatchSeqs || tokens + unit.length > config.maxBatchTokens) continue;
+    taken++;
+    for (const s of unit) {
+      items.push({
+        seqId: s.id,
+        kind: 'decode',
+        slot: s.slot,
+        start: s.computed,
+        count: 1,
+        sample: true,
+        copyPrefix: s.copy,
+      });
+      tokens++;
+    }
   }
   const prefilling = seqs.filter((s) => !s.inFlight && s.computed < s.target).sort((a, b) => a.arrival - b.arrival);
   for (const s of prefilling) {
@@ -340,7 +428,8 @@ function planBatch(
       start: s.computed,
       count,
       // A replayed prefill (after lost KV) ends one short of the history: its next token is known, nothing to draw.
-      sample: s.computed + count === s.target,
+      // A pair's prefill never samples: its sampled steps run both sides together.
+      sample: !s.pairOf && s.computed + count === s.target,
       copyPrefix: s.copy,
     });
     tokens += count;

@@ -6,7 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { loadEmu3Config } from '../../lib/model/config.js';
-import { type CodeGrid, understandingPromptIds } from '../../lib/prompt/prompt.js';
+import { type CodeGrid, generationPrompts, understandingPromptIds } from '../../lib/prompt/prompt.js';
 import { isHealth, type TokenFile } from '../../lib/rpc/auth.js';
 import { RpcError } from '../../lib/rpc/errors.js';
 import { implement, serverStream, unary } from '../../lib/rpc/handlers.js';
@@ -21,7 +21,7 @@ import { coordinatorTelemetry } from '../../lib/telemetry/coordinator.js';
 import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
-import { Engine } from './engine.js';
+import { Engine, type EngineEvent } from './engine.js';
 import {
   InternalError,
   InvalidArgumentError,
@@ -35,16 +35,19 @@ import { commonCapacity } from './kv-manager.js';
 import { PipelineClient } from './pipeline-client.js';
 import { Recovery } from './recovery.js';
 import {
+  checkImagePromptLength,
   checkPromptLength,
   defaultLimits,
   type GenerateRequestLike,
   type RequestLimits,
+  type ValidImage,
   type ValidPart,
+  type ValidRequest,
   validateGenerateRequest,
 } from './request-validation.js';
 import { resultSinkBinding } from './result-sink.js';
 import type { PipelineShape, StageDescription } from './topology.js';
-import { VqClient } from './vq-client.js';
+import { VqClient, type VqInfo } from './vq-client.js';
 
 export const PUBLIC_PROTO = 'emu3/v1/emu3.proto';
 export const PUBLIC_SERVICE = 'emu3.v1.Emu3';
@@ -155,6 +158,116 @@ async function buildPrompt(
   return { prompt: understandingPromptIds(deps.tokenizer, text, grids), grids, vqMs };
 }
 
+/** The two prompts of an image request (the text parts joined, as the understanding prompt joins them). */
+function imagePrompts(deps: Deps, v: Pick<ValidRequest, 'parts'>, image: ValidImage) {
+  const text = v.parts.map((p) => (p.kind === 'text' ? p.text : '')).join('');
+  const { prompt, negative } = generationPrompts(deps.tokenizer, text, image.grid, {
+    negativePrompt: image.negativePrompt,
+    qualitySuffix: image.qualitySuffix,
+  });
+  checkImagePromptLength(prompt.length, negative.length, image.grid, deps.limits.contextLength);
+  return { prompt, negative };
+}
+
+type Send = (msg: object) => Promise<void>;
+
+/**
+ * TASK_GENERATE_IMAGE: the conditional and unconditional prompts go to the engine as one job (a guidance pair);
+ * a row done is one progress message; the finished grid is decoded by the VQ service into the final PNG.
+ */
+async function generateImage(
+  deps: Deps,
+  v: ValidRequest,
+  requestId: string,
+  received: number,
+  send: Send,
+  signal: AbortSignal,
+  obs: { span?: SpanHandle; event(e: Exclude<EngineEvent, { type: 'progress' }>): void; traceId?: string },
+  log: Logger,
+): Promise<void> {
+  const image = v.image!;
+  const { prompt, negative } = imagePrompts(deps, v, image);
+  const seed = v.sampling.seed ?? (v.sampling.temperature === 0 ? 0 : randomInt(0, 2 ** 32));
+  const events = new EventQueue();
+  const handle = deps.engine.submit({
+    trace: obs.span,
+    prompt,
+    image: { grid: image.grid, negativePrompt: negative, guidanceScale: image.guidanceScale },
+    maxNewTokens: image.grid.height * (image.grid.width + 1) + 3,
+    sampling: v.sampling,
+    seed,
+    topLogprobs: 0,
+    returnTokenIds: false,
+    onEvent: (e) => events.push(e),
+  });
+  const onAbort = () => handle.cancel();
+  signal.addEventListener('abort', onAbort, { once: true });
+  let queueMs = 0;
+  try {
+    for (;;) {
+      const e = await events.next(signal);
+      if (e.type === 'progress') {
+        await send({
+          progress: {
+            rowsDone: e.rowsDone,
+            rows: e.rows,
+            rowCodes: image.previewRows ? Array.from(e.rowCodes) : [],
+          },
+        });
+        continue;
+      }
+      obs.event(e);
+      if (e.type === 'admitted') queueMs = e.queueMs;
+      else if (e.type === 'error') throw mapCoordinatorError(e.error) ?? e.error;
+      else if (e.type === 'final') {
+        let png: { png: Buffer; width: number; height: number } | null = null;
+        let vqMs = 0;
+        if (e.image) {
+          const started = performance.now();
+          png = await deps.vq.decode(e.image, signal, obs.span);
+          vqMs = performance.now() - started;
+        }
+        await send({
+          final: {
+            finishReason: e.finishReason,
+            usage: e.usage,
+            timings: { queueMs, vqMs, ttftMs: e.firstTokenAt - received, decodeMs: e.decodeMs },
+            requestId,
+            seed,
+            stopString: '',
+            ...(png && e.image
+              ? {
+                  image: {
+                    png: png.png,
+                    width: png.width,
+                    height: png.height,
+                    gridHeight: e.image.height,
+                    gridWidth: e.image.width,
+                    codes: image.returnCodes ? Array.from(e.image.codes) : [],
+                  },
+                }
+              : {}),
+          },
+        });
+        log.info('generated image', {
+          requestId,
+          grid: `${image.grid.height}x${image.grid.width}`,
+          promptTokens: e.usage.promptTokens,
+          cachedTokens: e.usage.cachedTokens,
+          completionTokens: e.usage.completionTokens,
+          finish: e.finishReason,
+          ms: Math.round(performance.now() - received),
+          ...(obs.traceId ? { traceId: obs.traceId } : {}),
+        });
+        return;
+      }
+    }
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+    if (signal.aborted) handle.cancel();
+  }
+}
+
 function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImplementation {
   const { engine, limits, shape } = deps;
   return implement(
@@ -166,6 +279,8 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
           const v = validateGenerateRequest(req, limits);
           const requestId = v.requestId || `req-${randomInt(0, 2 ** 47).toString(16)}`;
           obs.validated(requestId, v.sampling);
+          if (v.task === 'generate')
+            return generateImage(deps, v, requestId, received, send as Send, ctx.signal, obs, log);
           const { prompt, vqMs } = await buildPrompt(deps, v.parts, ctx.signal, obs.span);
           const maxNewTokens = checkPromptLength(prompt.length, v.sampling, limits.contextLength);
           obs.promptBuilt(prompt.length, received, vqMs);
@@ -187,6 +302,7 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
           try {
             for (;;) {
               const e = await events.next(ctx.signal);
+              if (e.type === 'progress') continue; // image jobs only
               obs.event(e);
               if (e.type === 'admitted') queueMs = e.queueMs;
               else if (e.type === 'delta')
@@ -222,7 +338,11 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
         }),
       ),
       Tokenize: unary(async (req: GenerateRequestLike, ctx) => {
-        const v = validateGenerateRequest({ parts: req.parts, task: req.task }, limits);
+        const v = validateGenerateRequest({ parts: req.parts, task: req.task, image: req.image }, limits);
+        if (v.image) {
+          const { prompt } = imagePrompts(deps, v, v.image);
+          return { tokenIds: prompt, images: [{ height: v.image.grid.height, width: v.image.grid.width }] };
+        }
         const { prompt, grids } = await buildPrompt(deps, v.parts, ctx.signal);
         return { tokenIds: prompt, images: grids.map((g) => ({ height: g.height, width: g.width })) };
       }),
@@ -259,18 +379,19 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
           },
           kvCapacityTokens: shape.kvCapacityTokens,
           kvTokensInUse: stats.kvTokensReserved,
+          imageArea: limits.imageArea ?? 0,
+          maxImageCodes: limits.maxImageCodes,
         };
       }),
     },
   );
 }
 
-async function waitForVq(vq: VqClient, timeoutMs: number): Promise<void> {
+async function waitForVq(vq: VqClient, timeoutMs: number): Promise<VqInfo> {
   const until = Date.now() + timeoutMs;
   for (;;) {
     try {
-      await vq.info(2000);
-      return;
+      return await vq.info(2000);
     } catch (err) {
       if (Date.now() >= until)
         throw new Error(
@@ -291,7 +412,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
   const vq = new VqClient(opts.vq, undefined, undefined, credentials);
   warnIfOpen(opts.security, log.child({ component: 'sink' }));
   const { stages, shape } = await pipeline.describe(opts.startTimeoutMs, config.numHiddenLayers);
-  await waitForVq(vq, opts.startTimeoutMs);
+  const vqInfo = await waitForVq(vq, opts.startTimeoutMs);
   await pipeline.resetAll();
   const capacity = commonCapacity(stages.map((s) => ({ slots: s.info.kv_slots, tokens: s.info.kv_capacity_tokens })));
   const limits: RequestLimits = {
@@ -300,6 +421,9 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Runnin
     contextLength: Math.min(config.maxPositionEmbeddings, shape.kvSlotTokens),
     maxImages: opts.maxImages,
     maxTopK: Math.min(opts.limits?.maxTopK ?? defaultLimits.maxTopK, shape.maxTopK || defaultLimits.maxTopK),
+    // A config.json without image_area is not a generation model (the parsed config defaults it).
+    imageArea: 'image_area' in config.raw ? config.imageArea : null,
+    maxImageCodes: vqInfo.max_codes || defaultLimits.maxImageCodes,
   };
   const leaseMs = Math.min(...stages.map((s) => s.info.lease_ms || Number.POSITIVE_INFINITY));
   log.info('pipeline checked', {

@@ -1,4 +1,4 @@
-// The coordinator's client of the VQ service: an image part → its code grid. The VQ service's refusals of the image
+// The coordinator's client of the VQ service: an image part → its code grid, and a generated code grid → its PNG. The VQ service's refusals of the image
 // (INVALID_ARGUMENT, RESOURCE_EXHAUSTED for a full queue) are passed on naming the request's part; anything else
 // means the VQ service is unreachable or broken (UNAVAILABLE).
 import { createHash } from 'node:crypto';
@@ -6,11 +6,17 @@ import * as grpc from '@grpc/grpc-js';
 import type { CodeGrid } from '../../lib/prompt/prompt.js';
 import { type ClientCredentials, createClient, unaryCall } from '../../lib/rpc/client.js';
 import { InvalidArgument, ResourceExhausted, Unavailable } from '../../lib/rpc/errors.js';
-import { type EncodeResponse, type InfoResponse, VQ_PROTO, VQ_SERVICE } from '../../lib/rpc/vq-wire.js';
+import {
+  type DecodeResponse,
+  type EncodeResponse,
+  type InfoResponse,
+  VQ_PROTO,
+  VQ_SERVICE,
+} from '../../lib/rpc/vq-wire.js';
 import { tracedCall } from '../../lib/telemetry/grpc.js';
 import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 
-export type VqInfo = Pick<InfoResponse, 'codebook_size' | 'fingerprint' | 'max_message_bytes'>;
+export type VqInfo = Pick<InfoResponse, 'codebook_size' | 'fingerprint' | 'max_message_bytes' | 'max_codes'>;
 
 export class VqClient {
   private readonly client: grpc.Client;
@@ -87,32 +93,55 @@ export class VqClient {
     return { height: res.h, width: res.w, codes };
   }
 
+  /** A generated grid → its PNG; cancelled with `signal`. Any failure is UNAVAILABLE (the grid is the server's own). */
+  async decode(
+    grid: { height: number; width: number; codes: ArrayLike<number> },
+    signal?: AbortSignal,
+    trace?: SpanHandle,
+  ): Promise<{ png: Buffer; width: number; height: number }> {
+    const codes = Buffer.alloc(grid.codes.length * 4);
+    for (let i = 0; i < grid.codes.length; i++) codes.writeInt32LE(grid.codes[i], i * 4);
+    try {
+      const res = await tracedCall(trace, `${VQ_SERVICE}/Decode`, (metadata) =>
+        this.call<DecodeResponse>('Decode', { h: grid.height, w: grid.width, codes }, signal, metadata),
+      );
+      return { png: res.png, width: res.width, height: res.height };
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason;
+      const e = err as grpc.ServiceError;
+      throw new Unavailable(`decoding the image: the VQ service at ${this.address} failed: ${e.details ?? e.message}`);
+    }
+  }
+
+  private encodeCall(request: object, signal?: AbortSignal, metadata = new grpc.Metadata()): Promise<EncodeResponse> {
+    return this.call<EncodeResponse>('Encode', request, signal, metadata);
+  }
+
   /**
-   * One Encode call, cancelled when `signal` aborts (the Generate call was cancelled or passed its deadline), so the
+   * One call, cancelled when `signal` aborts (the Generate call was cancelled or passed its deadline), so the
    * VQ service drops the request from its queue, or stops it after preprocessing, instead of encoding for nobody.
    */
-  private encodeCall(request: object, signal?: AbortSignal, metadata = new grpc.Metadata()): Promise<EncodeResponse> {
+  private call<T>(
+    method: 'Encode' | 'Decode',
+    request: object,
+    signal?: AbortSignal,
+    metadata = new grpc.Metadata(),
+  ): Promise<T> {
     if (signal?.aborted) return Promise.reject(signal.reason);
-    return new Promise<EncodeResponse>((resolve, reject) => {
-      type EncodeMethod = (
+    return new Promise<T>((resolve, reject) => {
+      type Method = (
         req: object,
         metadata: grpc.Metadata,
         options: grpc.CallOptions,
-        callback: grpc.requestCallback<EncodeResponse>,
+        callback: grpc.requestCallback<T>,
       ) => grpc.ClientUnaryCall;
-      const encode = (this.client as unknown as { Encode: EncodeMethod }).Encode;
+      const fn = (this.client as unknown as Record<string, Method>)[method];
       const onAbort = () => call.cancel();
-      const call = encode.call(
-        this.client,
-        request,
-        metadata,
-        { deadline: Date.now() + this.timeoutMs },
-        (err, res) => {
-          signal?.removeEventListener('abort', onAbort);
-          if (err) reject(err);
-          else resolve(res as EncodeResponse);
-        },
-      );
+      const call = fn.call(this.client, request, metadata, { deadline: Date.now() + this.timeoutMs }, (err, res) => {
+        signal?.removeEventListener('abort', onAbort);
+        if (err) reject(err);
+        else resolve(res as T);
+      });
       signal?.addEventListener('abort', onAbort, { once: true });
     });
   }

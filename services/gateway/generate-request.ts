@@ -22,6 +22,8 @@ export interface GenerateRequestMessage {
   requestId: string;
   returnTokenIds: boolean;
   topLogprobs: number;
+  /** TASK_GENERATE_IMAGE: the size in pixels (unset: the coordinator's default, 1:1 at the model's image_area). */
+  image?: { width?: number; height?: number };
 }
 
 /** The Generate stream's messages as the client decodes them (defaults filled in, enums as names). */
@@ -38,11 +40,15 @@ export interface GenerateFinal {
   requestId: string;
   seed: number;
   stopString: string;
+  /** TASK_GENERATE_IMAGE: the PNG. */
+  image?: { png: Buffer; width: number; height: number } | null;
 }
 
 export interface GenerateResponseMessage {
   delta?: GenerateDelta | null;
   final?: GenerateFinal | null;
+  /** An image's rows done (the gateway answers images whole, so it only waits through these). */
+  progress?: { rowsDone: number; rows: number } | null;
 }
 
 /** GetModelInfo's answer, the fields the gateway reads. */

@@ -1,21 +1,22 @@
 // POST /v1/images/generations → Generate with TASK_GENERATE_IMAGE. Pure: no I/O.
 //
-// The Generate API does not generate images yet: the coordinator refuses TASK_GENERATE_IMAGE (INVALID_ARGUMENT on
-// "task"), which the gateway answers 501. The request is still sent, so the route starts working when the API does.
-// The intended mapping, documented in docs/openai.md and checked here already: `size` "WxH" → the ratio W:H in
-// lowest terms and the pixel area W·H, which give the token grid as Emu3-Gen sizes it (lib/prompt generationGrid);
-// `response_format` "b64_json" (the default: the gateway stores nothing it could serve by URL).
+// The mapping, documented in docs/openai.md: `size` "WxH" → GenerateRequest.image width and height, which the
+// coordinator turns into the ratio W:H in lowest terms and the pixel area W·H, hence the token grid as Emu3-Gen sizes
+// it (lib/prompt generationGrid); `response_format` "b64_json" (the default: the gateway stores nothing it could serve
+// by URL). A model that does not generate images (its config has no image_area) refuses the task: 501.
 import { generationGrid, type TokenGrid } from '../../lib/prompt/generation-size.js';
 import { checkModel } from './chat-request.js';
 import { GatewayError, protoFieldOf } from './errors.js';
 import type { GenerateRequestMessage } from './generate-request.js';
 import { invalid, isObject, optionalInteger, optionalString, refuseUnknownKeys } from './json-fields.js';
 
-/** What a size would become once generation lands: "W:H" in lowest terms, the pixel area and the token grid. */
+/** What a size becomes: "W:H" in lowest terms, the pixel area and the token grid. */
 export interface IntendedSize {
   ratio: string;
   area: number;
   grid: TokenGrid;
+  /** The size asked for. */
+  pixels: { width: number; height: number };
 }
 
 export interface ImagePlan {
@@ -41,7 +42,7 @@ export function intendedSize(size: string): IntendedSize | null {
   if (w < 8 || h < 8 || w > 4096 || h > 4096) invalid('size', `"${size}": each side must be 8 to 4096 pixels`);
   const g = gcd(w, h);
   const ratio = `${w / g}:${h / g}`;
-  return { ratio, area: w * h, grid: generationGrid(ratio, w * h) };
+  return { ratio, area: w * h, grid: generationGrid(ratio, w * h), pixels: { width: w, height: h } };
 }
 
 export function mapImageRequest(body: unknown, ctx: { servedModel: string; requestId: string }): ImagePlan {
@@ -70,6 +71,7 @@ export function mapImageRequest(body: unknown, ctx: { servedModel: string; reque
       requestId: ctx.requestId,
       returnTokenIds: false,
       topLogprobs: 0,
+      ...(size ? { image: { width: Number(size.pixels.width), height: Number(size.pixels.height) } } : {}),
     },
     size,
     responseFormat: 'b64_json',
@@ -77,7 +79,8 @@ export function mapImageRequest(body: unknown, ctx: { servedModel: string; reque
 }
 
 /**
- * The coordinator's refusal of the task itself (INVALID_ARGUMENT naming "task") is "not implemented yet": 501.
+ * The coordinator's refusal of the task itself (INVALID_ARGUMENT naming "task": the model does not generate images)
+ * is 501.
  * Any other refusal keeps its mapping (a bad prompt is still a 400). Returns null when `details` is not about the task.
  */
 export function generationNotAvailable(
@@ -91,16 +94,19 @@ export function generationNotAvailable(
     : '';
   return new GatewayError(
     501,
-    `image generation is not available yet: the Generate API refuses TASK_GENERATE_IMAGE${would}. The coordinator said: ${details}`,
+    `image generation is not available: the Generate API refuses TASK_GENERATE_IMAGE${would}. The coordinator said: ${details}`,
     { code: 'image_generation_not_available', param: null },
   );
 }
 
-/** The Generate API has no image output yet: an answer without one cannot be mapped. */
-export function noImageInAnswer(): GatewayError {
-  return new GatewayError(
-    501,
-    'image generation is not available yet: the Generate API answered, but its messages carry no image data',
-    { code: 'image_generation_not_available' },
-  );
+/** An answer that ended without an image (the server stopped it: drain) cannot be mapped. */
+export function noImageInAnswer(finishReason: string): GatewayError {
+  return new GatewayError(503, `the image was not finished (${finishReason}); retry`, {
+    code: 'server_shutting_down',
+  });
+}
+
+/** OpenAI's ImagesResponse for one generated PNG. */
+export function imagesResponse(png: Buffer, created: number) {
+  return { created, data: [{ b64_json: Buffer.from(png).toString('base64') }] };
 }

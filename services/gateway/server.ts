@@ -17,7 +17,7 @@ import { ChatAnswer, ChatChunks, type CompletionMeta, type LogprobOptions, type 
 import { CoordinatorClient } from './coordinator-client.js';
 import { fromGrpcStatus, GatewayError, unauthorized } from './errors.js';
 import type { GenerateFinal, GenerateResponseMessage, ModelInfoMessage } from './generate-request.js';
-import { generationNotAvailable, mapImageRequest, noImageInAnswer } from './images.js';
+import { generationNotAvailable, imagesResponse, mapImageRequest, noImageInAnswer } from './images.js';
 import { modelById, modelList } from './models.js';
 import { MethodNotAllowed, matchRoute } from './routes.js';
 import { SSE_DONE, SSE_HEADERS, sseEvent } from './sse.js';
@@ -289,10 +289,11 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
       servedModel: info.modelName,
       requestId: `img-${randomBytes(12).toString('hex')}`,
     });
+    let final: GenerateResponseMessage['final'] = null;
     try {
-      // Once the API generates images, its answer's image message is mapped here; today no message carries one.
-      await runGenerate(client.generate(plan.request), res, () => {
-        throw noImageInAnswer();
+      await runGenerate(client.generate(plan.request), res, (m) => {
+        if (m.final) final = m.final;
+        return true;
       });
     } catch (err) {
       if (err instanceof ClientGone) return 499;
@@ -300,9 +301,17 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
         const unavailable = generationNotAvailable(err.code, err.details, plan.size);
         if (unavailable) throw unavailable;
       }
-      throw grpcError(err, (field) => (field.startsWith('parts') ? 'prompt' : null));
+      throw grpcError(err, (field) =>
+        field.startsWith('parts') ? 'prompt' : field.startsWith('image') ? 'size' : null,
+      );
     }
-    throw noImageInAnswer();
+    const done = final as GenerateResponseMessage['final'];
+    if (!done) throw endedWithoutFinal();
+    if (!done.image?.png?.length) throw noImageInAnswer(done.finishReason);
+    sendJson(res, 200, imagesResponse(done.image.png, Math.floor(Date.now() / 1000)), {
+      'x-request-id': plan.request.requestId,
+    });
+    return 200;
   };
 
   const health = async (res: ServerResponse): Promise<number> => {

@@ -51,6 +51,8 @@ export interface SampledItem {
   penaltyOn: boolean;
   penaltyReset: boolean;
   penaltyDelta: number[];
+  /** Classifier-free guidance: the unconditional partner's sequence id and the scale (resolved to a row later). */
+  guidance: { partnerSequenceId: number; scale: number } | null;
 }
 
 export interface BatchPlan {
@@ -71,6 +73,30 @@ export interface BatchPlan {
 
 /** Checks `batch`; the ledger is not changed. Throws ShardRequestError for a whole-batch problem. */
 export function planBatch(batch: MicroBatch, stage: StageLimits, ledger: KvLedger): BatchPlan {
+  // A guided row needs its partner's row in the same run, and an unconditional row is only there for the row it
+  // guides: when either item of a pair is refused, the other is too (the batch is planned again without it).
+  const guides = new Map<number, number>();
+  for (const side of batch.sampling ?? [])
+    if (side.cfg_uncond_sequence_id) guides.set(side.cfg_uncond_sequence_id, side.sequence_id);
+  let excluded = new Map<number, string>();
+  for (;;) {
+    const plan = planOnce(batch, stage, ledger, excluded);
+    const kept = new Set(plan.sampled.map((s) => s.sequenceId));
+    const next = new Map(excluded);
+    for (const s of plan.sampled) {
+      const partner = s.guidance?.partnerSequenceId;
+      if (partner !== undefined && !kept.has(partner))
+        next.set(s.sequenceId, `its guidance partner (sequence ${partner}) is not a sampled item that runs here`);
+      const guided = guides.get(s.sequenceId);
+      if (guided !== undefined && !kept.has(guided))
+        next.set(s.sequenceId, `the sequence it guides (sequence ${guided}) does not run here`);
+    }
+    if (next.size === excluded.size) return plan;
+    excluded = next;
+  }
+}
+
+function planOnce(batch: MicroBatch, stage: StageLimits, ledger: KvLedger, excluded: Map<number, string>): BatchPlan {
   const items = batch.items ?? [];
   if (!batch.reply_to) throw new ShardRequestError('reply_to is empty (every micro-batch needs a ResultSink address)');
   if (items.length > ledger.slots)
@@ -97,6 +123,8 @@ export function planBatch(batch: MicroBatch, stage: StageLimits, ledger: KvLedge
     const what = `items[${i}] (sequence ${item.sequence_id})`;
     const side = sides[i];
     try {
+      const why = excluded.get(item.sequence_id);
+      if (why !== undefined) throw new ShardRequestError(`${what}: ${why}`, FAILED_PRECONDITION);
       checkItem(item, what, sim);
       if (stage.isFirst) checkTokens(batch.token_ids, offsets[i], offsets[i + 1], what, stage);
       const sampled = side
@@ -142,7 +170,10 @@ export function samplingRows(plan: BatchPlan, penalties: PenaltySets): { rows: S
   for (const s of plan.sampled) {
     const set = penalties.preview(s.slot, s.penaltyReset, s.penaltyOn ? s.penaltyDelta : []);
     if (s.penaltyOn || s.penaltyReset) updates.push([s.slot, set]);
-    rows[s.index] = { ...s.row, penalisedIds: s.penaltyOn ? [...set] : [] };
+    const partner = s.guidance ? plan.sampled.find((p) => p.sequenceId === s.guidance?.partnerSequenceId) : null;
+    if (s.guidance && !partner) throw new Error(`sequence ${s.sequenceId}: its guidance partner is not in the run`);
+    const cfg = s.guidance && partner ? { partnerRow: partner.index, scale: s.guidance.scale } : null;
+    rows[s.index] = { ...s.row, penalisedIds: s.penaltyOn ? [...set] : [], ...(cfg ? { cfg } : {}) };
   }
   return {
     rows,
@@ -280,11 +311,26 @@ function samplingOf(
   what: string,
   stage: StageLimits,
 ): Omit<SampledItem, 'index' | 'sequenceId' | 'slot'> {
-  if (side.mask === 'MASK_KIND_IMAGE_LAYOUT')
-    throw new ShardRequestError(`${what}.mask MASK_KIND_IMAGE_LAYOUT is not supported yet`);
-  if (side.mask !== 'MASK_KIND_TEXT' && side.mask !== 'MASK_KIND_UNSPECIFIED')
+  if (side.mask !== 'MASK_KIND_TEXT' && side.mask !== 'MASK_KIND_UNSPECIFIED' && side.mask !== 'MASK_KIND_IMAGE_LAYOUT')
     throw new ShardRequestError(`${what}.mask ${side.mask} is not a known MaskKind`);
   const text = side.mask === 'MASK_KIND_TEXT';
+  const layout = side.mask === 'MASK_KIND_IMAGE_LAYOUT';
+  const allowBegin = side.allow_begin ?? 0;
+  const allowEnd = side.allow_end ?? 0;
+  if (layout && !(Number.isInteger(allowBegin) && allowBegin < allowEnd && allowEnd <= stage.vocabSize))
+    throw new ShardRequestError(
+      `${what}: MASK_KIND_IMAGE_LAYOUT needs allow_begin < allow_end ≤ ${stage.vocabSize} (got [${allowBegin}, ${allowEnd}))`,
+    );
+  if (!layout && (allowBegin !== 0 || allowEnd !== 0))
+    throw new ShardRequestError(`${what}: allow_begin/allow_end are only for MASK_KIND_IMAGE_LAYOUT`);
+  const partnerSequenceId = side.cfg_uncond_sequence_id ?? 0;
+  const scale = side.guidance_scale ?? 0;
+  if (partnerSequenceId !== 0) {
+    if (partnerSequenceId === side.sequence_id)
+      throw new ShardRequestError(`${what}.cfg_uncond_sequence_id must name another sequence, not itself`);
+    if (!Number.isFinite(scale) || scale < 0)
+      throw new ShardRequestError(`${what}.guidance_scale ${scale} must be finite and ≥ 0`);
+  }
   if (!Number.isFinite(side.temperature) || side.temperature < 0)
     throw new ShardRequestError(`${what}.temperature ${side.temperature} must be finite and ≥ 0`);
   const penalty = side.repetition_penalty;
@@ -313,7 +359,9 @@ function samplingOf(
       temperature: side.temperature === 0 ? 1 : side.temperature,
       topK,
       fullRow: side.full_row,
+      ...(layout ? { keepBegin: allowBegin, keepEnd: allowEnd } : {}),
     },
+    guidance: partnerSequenceId !== 0 ? { partnerSequenceId, scale } : null,
     penaltyOn,
     penaltyReset: side.penalty_reset === true,
     penaltyDelta: penaltyOn ? ids : [],

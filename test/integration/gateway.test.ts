@@ -371,22 +371,40 @@ test('too many tokens, n > 1, a custom system prompt and an unknown model are re
   );
 });
 
-test('images.generate gives the documented 501 until the Generate API generates images', T, async () => {
-  await assert.rejects(
-    openai.images.generate({ model: info.modelName, prompt: 'a red fox', size: '1024x1024' }),
-    isApiError(501, (e) => {
-      assert.equal(e.code, 'image_generation_not_available');
-      assert.match(e.message, /TASK_GENERATE_IMAGE/);
-    }),
-  );
-  const res = await fetch(`${baseUrl}/images/generations`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ prompt: 'a red fox' }),
-  });
-  assert.equal(res.status, 501);
-  assert.equal(res.headers.get('x-should-retry'), 'false');
-});
+test(
+  'images.generate returns the PNG the Generate API makes for the same size (b64_json); a size too large is 400 on size',
+  T,
+  async () => {
+    const r = await openai.images.generate({
+      model: info.modelName,
+      prompt: 'a red fox',
+      size: '32x32' as '1024x1024',
+    });
+    assert.equal(r.data?.length, 1);
+    const png = Buffer.from(r.data![0].b64_json!, 'base64');
+    assert.deepEqual([...png.subarray(1, 4)], [0x50, 0x4e, 0x47], 'a PNG');
+    // width and height at bytes 16..24 of the IHDR chunk
+    assert.deepEqual([png.readUInt32BE(16), png.readUInt32BE(20)], [32, 32]);
+    const tooLarge = openai.images.generate({ model: info.modelName, prompt: 'a red fox', size: '1024x1024' });
+    await assert.rejects(
+      tooLarge,
+      isApiError(400, (e) => {
+        assert.equal(e.param, 'size');
+        assert.match(e.message, /image\.width.*(codes the VQ decodes|context)/);
+      }),
+    );
+    const res = await fetch(`${baseUrl}/images/generations`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'a red fox', size: '48x24' }),
+    });
+    assert.equal(res.status, 200);
+    const body = (await res.json()) as { created: number; data: { b64_json: string }[] };
+    const wide = Buffer.from(body.data[0].b64_json, 'base64');
+    assert.deepEqual([wide.readUInt32BE(16), wide.readUInt32BE(20)], [48, 24]);
+    assert.ok(Math.abs(body.created - Date.now() / 1000) < 600);
+  },
+);
 
 test('HTTP-level errors: malformed JSON 400, too large 413, unknown route 404, wrong method 405', T, async () => {
   const post = (path: string, body: string) =>

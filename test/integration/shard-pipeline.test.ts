@@ -551,8 +551,23 @@ test(
       [
         [{ seq: 21, slot: 6, start: 0, tokens: [151849, 42], sample: side(21, { mask: 'MASK_KIND_IMAGE_LAYOUT' }) }],
         {},
-        /MASK_KIND_IMAGE_LAYOUT is not supported yet/,
+        /MASK_KIND_IMAGE_LAYOUT needs allow_begin < allow_end/,
         3,
+      ],
+      // A guided row whose unconditional partner is not in the batch cannot run.
+      [
+        [
+          {
+            seq: 21,
+            slot: 6,
+            start: 0,
+            tokens: [151849, 42],
+            sample: side(21, { cfg_uncond_sequence_id: 99, guidance_scale: 3 }),
+          },
+        ],
+        {},
+        /^stage \[0, 2\): items\[0\] \(sequence 21\): its guidance partner \(sequence 99\) is not a sampled item/,
+        9,
       ],
       [
         [

@@ -112,8 +112,10 @@ class FakePipeline {
     let at = 0;
     const results: StepResult['results'] = [];
     const refusals: StageError[] = [];
+    // Image rows are answered once every item's tokens are in (a guided row reads its partner's KV).
+    const imageRows: (() => void)[] = [];
     let side = 0;
-    for (const item of b.items) {
+    for (const [index, item] of b.items.entries()) {
       if (this.refuse(item.sequence_id)) {
         at += item.token_count;
         if (item.sample) side++;
@@ -136,6 +138,20 @@ class FakePipeline {
       if (!item.sample) continue;
       const s: MicroBatch['sampling'][number] = b.sampling[side++];
       assert.equal(s.sequence_id, item.sequence_id);
+      if (s.mask === 'MASK_KIND_IMAGE_LAYOUT') {
+        const partner = s.cfg_uncond_sequence_id ?? 0;
+        if (partner) {
+          const next = b.items[index + 1];
+          assert.equal(next?.sequence_id, partner, 'the unconditional item follows its conditional item');
+          assert.equal(s.guidance_scale, this.expectScale);
+        } else assert.equal(s.top_k, 1, 'the unconditional row asks for one candidate');
+        this.imageSteps++;
+        imageRows.push(() => {
+          const partnerKv = partner ? this.slots[b.items[index + 1].slot] : [];
+          results.push({ sequence_id: item.sequence_id, ...this.layoutRow([...kv, -1, ...partnerKv], s) });
+        });
+        continue;
+      }
       assert.equal(s.mask, 'MASK_KIND_TEXT');
       if (s.repetition_penalty !== 1) {
         if (s.penalty_reset) this.penalised[item.slot].clear();
@@ -148,6 +164,7 @@ class FakePipeline {
       } else assert.deepEqual(s.penalised_ids, []);
       results.push({ sequence_id: item.sequence_id, ...this.row(kv, s.top_k, s.full_row, s.temperature) });
     }
+    for (const answer of imageRows) answer();
     this.applyKvCommands();
     this.engine.onStepResult({
       micro_batch_id: b.micro_batch_id,
@@ -156,6 +173,24 @@ class FakePipeline {
       error: null,
       refusals,
     });
+  }
+  /** The guidance scale every guided row must carry. */
+  expectScale = 3;
+  imageSteps = 0;
+  /** A toy guided row: candidates inside the allowed range only, most likely first, from a hash of both KVs. */
+  private layoutRow(kv: number[], s: MicroBatch['sampling'][number]) {
+    const begin = s.allow_begin ?? 0;
+    const range = (s.allow_end ?? 0) - begin;
+    assert.ok(range === 1 || (begin === 151854 && range === 32768), `allowed [${begin}, ${begin + range})`);
+    const h = hash(kv);
+    const k = Math.min(s.top_k, range);
+    const ids = Array.from({ length: k }, (_, j) => begin + (((h % range) + j * 7) % range));
+    assert.equal(new Set(ids).size, k, 'distinct candidates');
+    const lp = ids.map((_, j) => (k === 1 ? 0 : -1 - j * 0.3));
+    return {
+      candidate_ids: tensor(Buffer.from(Int32Array.from(ids).buffer), 'DTYPE_INT32'),
+      logprobs: tensor(Buffer.from(Float32Array.from(lp).buffer), 'DTYPE_FLOAT32'),
+    };
   }
   private row(kv: number[], k: number, full: boolean, temperature: number) {
     const h = hash(kv);
@@ -607,4 +642,136 @@ test('drain: new requests are refused, waiting ones end CANCELLED, running ones 
   await new Promise((r) => setTimeout(r, 10));
   assert.ok(engine.idle);
   assert.equal(pipe.tokensInUse(), 0);
+});
+
+// Emu3-Gen in the engine: a job with `image` runs as a guidance pair. The fake last stage answers a guided row from a
+// hash of both sides' KV, inside the allowed range, so a KV mistake on either side changes the codes.
+
+interface ImageAnswer {
+  progress: number[];
+  final?: Extract<EngineEvent, { type: 'final' }>;
+  error?: Error;
+}
+
+function imageRun(engine: Engine, text: number, grid: { height: number; width: number }, seed: number, scale = 3) {
+  const answer: ImageAnswer = { progress: [] };
+  let resolve!: (a: ImageAnswer) => void;
+  const done = new Promise<ImageAnswer>((r) => {
+    resolve = r;
+  });
+  const handle = engine.submit({
+    prompt: prompt(8 + text, text),
+    image: { grid, negativePrompt: prompt(30, 999), guidanceScale: scale },
+    maxNewTokens: grid.height * (grid.width + 1) + 3,
+    sampling: sampling({ temperature: 1, topK: 16 }),
+    seed,
+    topLogprobs: 0,
+    returnTokenIds: false,
+    onEvent: (e) => {
+      if (e.type === 'progress') answer.progress.push(e.rowsDone);
+      else if (e.type === 'final') {
+        answer.final = e;
+        resolve(answer);
+      } else if (e.type === 'error') {
+        answer.error = e.error;
+        resolve(answer);
+      }
+    },
+  });
+  return { done, handle, answer };
+}
+
+test('images run as guidance pairs: 6 beside 6 chats each equal their solo run; progress per row; every slot freed', async () => {
+  const grid = { height: 3, width: 5 };
+  const solo: ImageAnswer[] = [];
+  for (let i = 0; i < 6; i++) solo.push(await imageRun(setup().engine, i, grid, 100 + i).done);
+  for (const [i, a] of solo.entries()) {
+    assert.equal(a.error, undefined);
+    assert.equal(a.final?.usage.promptTokens, 9 + i + 31, 'usage counts both prompts');
+    assert.deepEqual(a.progress, [1, 2, 3]);
+    assert.equal(a.final?.finishReason, 'FINISH_REASON_EOS');
+    assert.equal(a.final?.image?.codes.length, 15);
+    assert.equal(a.final?.usage.completionTokens, 3 * 6 + 3);
+  }
+  assert.notDeepEqual(solo[0].final?.image?.codes, solo[1].final?.image?.codes, 'the prompts matter');
+  const { engine, pipe } = setup({ cache: 4 });
+  // a first image leaves the unconditional prompt cached; the six after it copy it
+  const warm = await imageRun(engine, 50, grid, 1).done;
+  assert.equal(warm.final?.usage.cachedTokens, 0);
+  const images = Array.from({ length: 6 }, (_, i) => imageRun(engine, i, grid, 100 + i));
+  const chats = Array.from({ length: 6 }, (_, i) =>
+    run(engine, prompt(10 + i, 70 + i), sampling({ ignoreEos: true }), 20),
+  );
+  const got = await Promise.all(images.map((r) => r.done));
+  await Promise.all(chats.map((c) => c.done));
+  got.forEach((a, i) => {
+    assert.equal(a.error, undefined, `image ${i}`);
+    assert.deepEqual(
+      a.final?.image?.codes,
+      solo[i].final?.image?.codes,
+      `image ${i}: the same codes beside other work`,
+    );
+  });
+  // every later pair copied the unconditional prompt from the cache
+  assert.ok(
+    got.slice(1).some((a) => a.final!.usage.cachedTokens >= 30),
+    'the negative prompt came from the prefix cache',
+  );
+  for (const c of chats) assert.equal((await c.done).ids.length, 20);
+  const stats = engine.stats();
+  assert.equal(stats.kvSlotsInUse, stats.cacheEntries, 'only cached prefixes hold slots');
+  // the guidance scale reaches the last stage as given
+  const { engine: e2, pipe: p2 } = setup();
+  p2.expectScale = 1.5;
+  assert.equal((await imageRun(e2, 0, grid, 1, 1.5).done).error, undefined);
+  assert.ok(pipe.imageSteps > 0);
+});
+
+test('an image ends whole: a refused unconditional side fails it, a cancel mid-image frees both, a lost pipeline replays it', async () => {
+  const grid = { height: 4, width: 4 };
+  // refused unconditional side → the image fails with the stage's status; nothing is held
+  {
+    const { engine, pipe } = setup();
+    const r = imageRun(engine, 1, grid, 5);
+    const uncond = Number(r.handle.id) + 1;
+    let seen = 0;
+    pipe.refuse = (id) => id === uncond && ++seen === 4;
+    const a = await r.done;
+    assert.ok(a.error instanceof StageRefusedError, String(a.error));
+    await new Promise((res) => setTimeout(res, 20));
+    assert.equal(pipe.tokensInUse(), 0);
+    assert.equal(engine.stats().kvSlotsInUse, 0);
+  }
+  // cancel after two rows → both slots freed on the pipeline
+  {
+    const { engine, pipe } = setup();
+    const r = imageRun(engine, 2, grid, 6);
+    while (r.answer.progress.length < 2) await new Promise((res) => setImmediate(res));
+    r.handle.cancel();
+    await new Promise((res) => setTimeout(res, 20));
+    assert.equal(engine.stats().kvSlotsInUse, 0);
+    assert.equal(pipe.tokensInUse(), 0);
+    // queued, not yet admitted: cancelling drops both sides
+    const { engine: e3 } = setup({ slots: 2 });
+    const first = imageRun(e3, 3, grid, 7);
+    const queued = imageRun(e3, 4, grid, 8);
+    assert.equal(e3.stats().queued, 2, 'the second pair waits, both sides');
+    queued.handle.cancel();
+    assert.equal(e3.stats().queued, 0);
+    assert.equal((await first.done).error, undefined);
+  }
+  // lost pipeline mid-image: both sides are prefilled again and the codes do not change
+  {
+    const calm = await imageRun(setup().engine, 9, grid, 11).done;
+    const { engine, pipe } = setup({ cache: 2 });
+    const r = imageRun(engine, 9, grid, 11);
+    while (r.answer.progress.length < 2) await new Promise((res) => setImmediate(res));
+    pipe.crash();
+    engine.pipelineLost('test: every stage restarted');
+    await new Promise((res) => setTimeout(res, 10));
+    engine.resume();
+    const a = await r.done;
+    assert.equal(a.error, undefined);
+    assert.deepEqual(a.final?.image?.codes, calm.final?.image?.codes);
+  }
 });

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { CFG_NEGATIVE_PROMPT } from '../../lib/prompt/prompt.js';
 import { InvalidArgumentError } from '../../services/coordinator/errors.js';
 import {
+  checkImagePromptLength,
   checkPromptLength,
   defaultLimits,
   type GenerateRequestLike,
@@ -11,9 +13,9 @@ import {
 const image = { data: new Uint8Array([0x89, 0x50, 0x4e, 0x47]), mimeType: 'image/png' };
 const good: GenerateRequestLike = { parts: [{ image }, { text: 'Describe the image.' }] };
 
-function rejects(req: GenerateRequestLike, field: string, limit: RegExp) {
+function rejects(req: GenerateRequestLike, field: string, limit: RegExp, limits = defaultLimits) {
   assert.throws(
-    () => validateGenerateRequest(req),
+    () => validateGenerateRequest(req, limits),
     (e: unknown) => {
       assert.ok(e instanceof InvalidArgumentError, `got ${e}`);
       assert.equal(e.code, 3);
@@ -75,7 +77,11 @@ test('each bad field is refused with InvalidArgument naming the field and the li
   rejects({ parts: [{ text: 'a', image }] }, 'parts[0]', /exactly one/);
   rejects({ ...good, task: 'TASK_BOGUS' }, 'task', /unknown task "TASK_BOGUS"/);
   rejects({ ...good, task: 7 }, 'task', /unknown task 7/);
-  rejects({ ...good, task: 'TASK_GENERATE_IMAGE' }, 'task', /not supported yet/);
+  rejects(
+    { ...good, task: 'TASK_GENERATE_IMAGE' },
+    'task',
+    /does not generate images \(its config.json has no image_area\)/,
+  );
   rejects(
     { ...good, sampling: { temperature: Number.NaN } },
     'sampling.temperature',
@@ -185,4 +191,83 @@ test('seed: [0, 2^32 - 1] as a number or a 64-bit decimal string, anything else 
   ]) {
     rejects({ ...good, sampling: { seed } }, 'sampling.seed', /must be an integer in \[0, 4294967295\]/);
   }
+});
+
+// TASK_GENERATE_IMAGE on a model with image_area 128² (emu3-tiny) and a 2,048-token context.
+const genLimits = { ...defaultLimits, imageArea: 128 * 128, contextLength: 2048, maxImageCodes: 16384 };
+const gen = (over: Partial<GenerateRequestLike> = {}): GenerateRequestLike => ({
+  parts: [{ text: 'a red fox' }],
+  task: 'TASK_GENERATE_IMAGE',
+  ...over,
+});
+
+test('TASK_GENERATE_IMAGE defaults: 1:1 from image_area, guidance 3, top_k 2048 at temperature 1, the negative prompt', () => {
+  const v = validateGenerateRequest(gen(), genLimits);
+  assert.equal(v.task, 'generate');
+  assert.deepEqual(v.image, {
+    grid: { height: 16, width: 16 },
+    guidanceScale: 3,
+    negativePrompt: CFG_NEGATIVE_PROMPT,
+    qualitySuffix: true,
+    returnCodes: false,
+    previewRows: false,
+  });
+  assert.deepEqual([v.sampling.temperature, v.sampling.topK, v.sampling.topP], [1, 2048, 1]);
+  // "16:9" at 518,400 px is upstream's 68×120; a pixel size is its ratio in lowest terms and its area
+  const real = { ...genLimits, imageArea: 720 * 720, contextLength: 9216 };
+  assert.deepEqual(validateGenerateRequest(gen({ image: { ratio: '16:9' } }), real).image?.grid, {
+    height: 68,
+    width: 120,
+  });
+  assert.deepEqual(validateGenerateRequest(gen({ image: { width: 48, height: 24 } }), genLimits).image?.grid, {
+    height: 3,
+    width: 6,
+  });
+  const g = validateGenerateRequest(
+    gen({ image: { guidanceScale: 0, negativePrompt: '', qualitySuffix: false, returnCodes: true } }),
+    genLimits,
+  );
+  assert.deepEqual(
+    [g.image?.guidanceScale, g.image?.negativePrompt, g.image?.qualitySuffix, g.image?.returnCodes],
+    [0, '', false, true],
+  );
+});
+
+test('bad image requests are INVALID_ARGUMENT naming the field', () => {
+  const r = (over: Partial<GenerateRequestLike>, field: string, limit: RegExp) =>
+    rejects(gen(over), field, limit, genLimits);
+  r({ image: { ratio: 'wide' } }, 'image.ratio', /must be "W:H"/);
+  r({ image: { ratio: '0:1' } }, 'image.ratio', /at least 1/);
+  r({ image: { ratio: '1:-2' } }, 'image.ratio', /must be "W:H"/);
+  r({ image: { ratio: '6:1' } }, 'image.ratio', /aspect ratio 6.000 exceeds the limit 5/);
+  r({ image: { ratio: '101:100' } }, 'image.ratio', /at most 100/);
+  r({ image: { ratio: '1:1', width: 64, height: 64 } }, 'image.ratio', /not both/);
+  r({ image: { width: 64 } }, 'image.height', /go together/);
+  r({ image: { width: 4, height: 4 } }, 'image.width', /\[8, 4096\]/);
+  r({ image: { width: 16, height: 16 } }, 'image.width', /2x2 grid: at least 3 columns/);
+  r({ image: { guidanceScale: Number.NaN } }, 'image.guidance_scale', /NaN must be in \[0, 100\]/);
+  r({ image: { guidanceScale: -1 } }, 'image.guidance_scale', /-1/);
+  r({ image: { negativePrompt: 'x'.repeat(5000) } }, 'image.negative_prompt', /longer than 4096/);
+  r({ parts: [{ image }] }, 'parts[0]', /text parts only/);
+  r({ parts: [{ text: 'a <|image token|> b' }] }, 'parts[0].text', /must not contain/);
+  r({ sampling: { maxNewTokens: 10 } }, 'sampling.max_new_tokens', /does not apply/);
+  r({ sampling: { stop: ['x'] } }, 'sampling.stop', /does not apply/);
+  r({ sampling: { repetitionPenalty: 1.2 } }, 'sampling.repetition_penalty', /does not apply/);
+  r({ topLogprobs: 2 }, 'top_logprobs', /must be 0/);
+  r({ image: { width: 4096, height: 4096 } }, 'image.width', /more than the 16384 codes/);
+  rejects(gen({ image: { ratio: '1:1' } }), 'image.ratio', /more than the context of 200/, {
+    ...genLimits,
+    contextLength: 200,
+  });
+  rejects({ ...good, image: { ratio: '1:1' } }, 'image', /TASK_GENERATE_IMAGE only/, genLimits);
+  // the prompt is measured once built: prompt (or negative prompt) + the layout must fit the context
+  assert.throws(
+    () => checkImagePromptLength(1800, 40, { height: 16, width: 16 }, 2048),
+    (e: unknown) => e instanceof InvalidArgumentError && e.field === 'parts' && /275 tokens/.test(e.message),
+  );
+  assert.throws(
+    () => checkImagePromptLength(10, 1900, { height: 16, width: 16 }, 2048),
+    (e: unknown) => e instanceof InvalidArgumentError && e.field === 'image.negative_prompt',
+  );
+  checkImagePromptLength(1773, 40, { height: 16, width: 16 }, 2048);
 });

@@ -366,3 +366,186 @@ test('after lost KV every running sequence is prefilled again up to its last sam
     'positions 0..14 run again; the last one samples (its token is known: the engine does not draw it)',
   );
 });
+
+// Classifier-free guidance pairs (Emu3-Gen): the conditional sequence and its unconditional partner are one unit.
+class PairSeq extends Seq {
+  pairOf: string | null = null;
+  pairRole: 'cond' | 'uncond' | null = null;
+}
+
+function pair(id: string, promptLength: number, negativeLength: number, maxNew: number, arrival: number) {
+  const c = new PairSeq(id, tokens(promptLength, arrival), maxNew, arrival);
+  const u = new PairSeq(`${id}~u`, tokens(negativeLength, 999), maxNew, arrival);
+  c.pairOf = u.id;
+  c.pairRole = 'cond';
+  u.pairOf = c.id;
+  u.pairRole = 'uncond';
+  return [c, u];
+}
+
+/** Like simulate, but a conditional sample appends the token to both sides; returns each pair's sampled steps. */
+function simulatePairs(state: SchedulerState<Seq>, cfg: SchedulerConfig, maxSteps = 5000) {
+  const batches: MicroBatchPlan[] = [];
+  const released: string[][] = [];
+  for (let t = 0; t < maxSteps; t++) {
+    const plan = planStep(state, cfg);
+    if (plan.release.length > 0) released.push(plan.release.map((r) => r.id));
+    if (plan.batch) batches.push(plan.batch);
+    applyPlan(state, plan);
+    checkInvariants(state);
+    if (!plan.batch || state.inFlight.size === cfg.stages) {
+      const oldest = Math.min(...state.inFlight.keys());
+      if (!Number.isFinite(oldest)) {
+        if (state.waiting.length === 0 && state.running.size === 0) break;
+        continue;
+      }
+      for (const { item, seq } of completeBatch(state, oldest)) {
+        const s = seq as PairSeq;
+        if (!item.sample || s.computed < s.history.length || s.pairRole === 'uncond') continue;
+        const token = 2000 + s.generated;
+        for (const side of s.pairOf ? [s, state.running.get(s.pairOf)!] : [s]) {
+          side.history.push(token);
+          side.generated++;
+        }
+        if (s.generated === s.maxNewTokens) s.ended = 'finished';
+      }
+    }
+  }
+  return { batches, released };
+}
+
+test('a guidance pair samples only together: adjacent items, conditional first; its prefill never samples', () => {
+  const cfg = config({ stages: 2, maxBatchTokens: 16 });
+  const [c, u] = pair('img', 40, 25, 12, 0);
+  const chats = [req('chat', 10, 30, 1), req('chat2', 6, 30, 2), req('chat3', 5, 30, 3)];
+  const state = initial([c, u, ...chats], { slots: 6, tokens: 4096 }, cfg);
+  const { batches } = simulatePairs(state, cfg);
+  let steps = 0;
+  for (const b of batches) {
+    const ci = b.items.findIndex((i) => i.seqId === 'img');
+    const ui = b.items.findIndex((i) => i.seqId === 'img~u');
+    for (const i of b.items) if (i.seqId.startsWith('img') && i.kind === 'prefill') assert.equal(i.sample, false);
+    const sampled = b.items.filter((i) => i.seqId.startsWith('img') && i.sample);
+    if (sampled.length === 0) continue;
+    assert.equal(sampled.length, 2, `batch ${b.id}: both sides sample`);
+    assert.equal(ui, ci + 1, `batch ${b.id}: adjacent, conditional first`);
+    assert.equal(b.items[ci].start, c.history.length - 12 + steps - 1, 'the conditional step feeds its last token');
+    steps++;
+  }
+  assert.equal(steps, 12);
+  assert.ok(
+    batches.some(
+      (b) =>
+        b.items.some((i) => i.seqId.startsWith('chat') && i.kind === 'decode') &&
+        b.items.some((i) => i.seqId === 'img'),
+    ),
+    'chat and image sequences share micro-batches',
+  );
+  assert.deepEqual(c.history.slice(40), u.history.slice(25), 'the same tokens were appended to both');
+});
+
+test('a pair is admitted both or neither, waits when only one fits, and is refused whole when it never fits', () => {
+  const cfg = config({ stages: 1 });
+  // one slot left after a running request: the pair waits; once it is freed, both are admitted in one plan
+  const [c, u] = pair('img', 20, 20, 5, 1);
+  const state = initial([req('a', 4, 3, 0), c, u], { slots: 2, tokens: 4096 }, cfg);
+  const first = planStep(state, cfg);
+  assert.deepEqual(
+    first.admit.map((a) => a.id),
+    ['a'],
+  );
+  applyPlan(state, first);
+  const trace = simulatePairs(state, cfg);
+  assert.ok(trace.batches.length > 0);
+  assert.equal(state.running.size, 0);
+  // larger than the whole budget together (each alone would fit): both refused, naming the budget
+  const [c2, u2] = pair('big', 30, 30, 40, 0);
+  const s2 = initial([c2, u2], { slots: 4, tokens: 100 }, cfg);
+  const plan = planStep(s2, cfg);
+  assert.deepEqual(
+    plan.reject.map((r) => r.id),
+    ['big', 'big~u'],
+  );
+  assert.match(plan.reject[0].error.message, /2 sequences .* whole KV budget of 100 tokens/);
+  assert.deepEqual(plan.admit, []);
+  // one slot in all: refused too
+  const [c3, u3] = pair('one', 5, 5, 2, 0);
+  assert.equal(planStep(initial([c3, u3], { slots: 1, tokens: 4096 }, cfg), cfg).reject.length, 2);
+});
+
+test('either side ended releases both in one plan, in flight or not', () => {
+  const cfg = config({ stages: 2 });
+  const [c, u] = pair('img', 8, 8, 50, 0);
+  const state = initial([c, u], { slots: 2, tokens: 4096 }, cfg);
+  for (let i = 0; i < 3; i++) applyPlan(state, planStep(state, cfg));
+  assert.ok(u.inFlight || c.inFlight);
+  c.ended = 'aborted';
+  const plan = planStep(state, cfg);
+  assert.deepEqual(plan.release.map((r) => r.id).sort(), ['img', 'img~u']);
+  assert.equal(plan.batch, null, 'nothing of the pair is scheduled again');
+  applyPlan(state, plan);
+  assert.equal(state.kv.stats().slotsInUse, 0);
+  // an unconditional side that failed (e.g. refused) takes its conditional side with it
+  const [c2, u2] = pair('img2', 8, 8, 50, 0);
+  const s2 = initial([c2, u2], { slots: 2, tokens: 4096 }, cfg);
+  applyPlan(s2, planStep(s2, cfg));
+  u2.ended = 'aborted';
+  assert.deepEqual(
+    planStep(s2, cfg)
+      .release.map((r) => r.id)
+      .sort(),
+    ['img2', 'img2~u'],
+  );
+});
+
+test('the unconditional prompt of a finished pair is a cached prefix: the next pair of that size copies it', () => {
+  const cfg = config({ stages: 1, prefixCacheEntries: 4, minPrefixMatch: 4 });
+  const [c, u] = pair('one', 12, 30, 4, 0);
+  const state = initial([c, u], { slots: 8, tokens: 4096 }, cfg);
+  simulatePairs(state, cfg);
+  const [c2, u2] = pair('two', 14, 30, 4, 1);
+  state.waiting.push(c2, u2);
+  const plan = planStep(state, cfg);
+  const au = plan.admit.find((a) => a.id === 'two~u')!;
+  assert.equal(au.cachedLength, 29, 'all but the last negative-prompt token come from the cache');
+  const ac = plan.admit.find((a) => a.id === 'two')!;
+  assert.equal(ac.cachedLength, 0);
+  // the unconditional side has nothing left to prefill: its first item is the sampled step, carrying the copy
+  const item = plan.batch!.items.find((i) => i.seqId === 'two~u');
+  assert.equal(item, undefined, 'it waits for the conditional side before its first (sampled) item');
+  applyPlan(state, plan);
+  const tr = simulatePairs(state, cfg);
+  const firstU = tr.batches.flatMap((b) => b.items).find((i) => i.seqId === 'two~u')!;
+  assert.deepEqual(
+    [firstU.kind, firstU.start, firstU.sample, firstU.copyPrefix],
+    ['decode', 29, true, { fromSlot: firstU.copyPrefix!.fromSlot, length: 29 }],
+  );
+});
+
+test('after lost KV a pair is prefilled again to one short of its history, then samples together', () => {
+  const cfg = config({ stages: 1, maxBatchTokens: 64 });
+  const [c, u] = pair('img', 10, 6, 30, 0);
+  const state = initial([c, u], { slots: 2, tokens: 4096 }, cfg);
+  const partial = simulatePairs(state, cfg, 12);
+  assert.ok(partial.batches.length > 0 && c.generated > 0);
+  loseAllKv(state);
+  const plan = planStep(state, cfg);
+  const items = plan.batch!.items;
+  assert.deepEqual(
+    items.map((i) => [i.seqId, i.kind, i.start, i.count, i.sample]),
+    [
+      ['img', 'prefill', 0, c.history.length - 1, false],
+      ['img~u', 'prefill', 0, u.history.length - 1, false],
+    ],
+  );
+  applyPlan(state, plan);
+  completeBatch(state, plan.batch!.id);
+  const next = planStep(state, cfg).batch!.items;
+  assert.deepEqual(
+    next.map((i) => [i.seqId, i.start, i.sample]),
+    [
+      ['img', c.history.length - 1, true],
+      ['img~u', u.history.length - 1, true],
+    ],
+  );
+});

@@ -8,9 +8,14 @@ const ctx = { servedModel: 'emu3-tiny', requestId: 'img-1' };
 const refused = (param: string) => (e: unknown) => e instanceof GatewayError && e.status === 400 && e.param === param;
 
 test('size WxH → the ratio in lowest terms, the area and the token grid (pixels / 8)', () => {
-  assert.deepEqual(intendedSize('1024x1024'), { ratio: '1:1', area: 1048576, grid: { height: 128, width: 128 } });
+  assert.deepEqual(intendedSize('1024x1024'), {
+    ratio: '1:1',
+    area: 1048576,
+    grid: { height: 128, width: 128 },
+    pixels: { width: 1024, height: 1024 },
+  });
   // Emu3-Gen's default: 1:1 at 720x720 pixels is a 90x90 grid
-  assert.deepEqual(intendedSize('720x720'), { ratio: '1:1', area: 518400, grid: { height: 90, width: 90 } });
+  assert.deepEqual(intendedSize('720x720')?.grid, { height: 90, width: 90 });
   const wide = intendedSize('1792x1024');
   assert.equal(wide?.ratio, '7:4');
   assert.deepEqual(wide?.grid, { height: 128, width: 224 });
@@ -29,7 +34,9 @@ test('an image request becomes Generate with TASK_GENERATE_IMAGE and the prompt 
     requestId: 'img-1',
     returnTokenIds: false,
     topLogprobs: 0,
+    image: { width: 1024, height: 1024 },
   });
+  assert.equal(mapImageRequest({ prompt: 'x' }, ctx).request.image, undefined, 'size auto: the default size');
   assert.equal(plan.responseFormat, 'b64_json');
   assert.equal(plan.size?.ratio, '1:1');
   assert.equal(mapImageRequest({ prompt: 'x' }, ctx).size, null);
@@ -44,12 +51,12 @@ test('an image request becomes Generate with TASK_GENERATE_IMAGE and the prompt 
   );
 });
 
-test("the coordinator's refusal of the task is 501 image_generation_not_available; other refusals are not", () => {
+test("a model without image generation: the coordinator's refusal of the task is 501; other refusals are not", () => {
   const plan = mapImageRequest({ prompt: 'a red fox', size: '1024x1024' }, ctx);
   let details = '';
   try {
     validateGenerateRequest(plan.request);
-    assert.fail('the coordinator accepted TASK_GENERATE_IMAGE: update the gateway and docs/openai.md');
+    assert.fail('the coordinator accepted TASK_GENERATE_IMAGE on a model without image_area');
   } catch (err) {
     details = (err as Error).message;
   }
@@ -58,7 +65,7 @@ test("the coordinator's refusal of the task is 501 image_generation_not_availabl
   assert.equal(e.status, 501);
   assert.equal(e.code, 'image_generation_not_available');
   assert.equal(e.retryable, false);
-  assert.match(e.message, /not available yet/);
+  assert.match(e.message, /image generation is not available/);
   assert.match(e.message, /ratio 1:1, a 128×128 token grid/);
   assert.equal(generationNotAvailable(3, 'parts: at least one part', plan.size), null);
   assert.equal(generationNotAvailable(8, details, plan.size), null);

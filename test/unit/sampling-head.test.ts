@@ -11,6 +11,7 @@ import { GraphBuilder } from '../../lib/onnx/graph.js';
 import { addSamplingHead, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../../lib/onnx/sampling-head.js';
 import { Rng } from '../../lib/util/rng.js';
 import { type LastStageParams, processLastStageRow } from '../../services/coordinator/logits.js';
+import { guidedScores, keepOnly, logSoftmax64 } from '../reference/gen-f64.js';
 
 const V = 184622; // the real vocabulary: float32 error in the log-sum-exp grows with it
 const VISUAL = [151854, 151854 + 32768];
@@ -168,4 +169,59 @@ test('samplingFeeds refuses what the graph cannot take, naming the row and field
   assert.throws(() => samplingFeeds([{ ...rows[0], temperature: 0 }], V), /row 0: temperature 0/);
   assert.throws(() => samplingFeeds([rows[0], { ...rows[2], penalisedIds: [V] }], V), /row 1: penalised id 184622/);
   assert.throws(() => samplingFeeds([{ ...rows[0], repetitionPenalty: Number.NaN }], V), /repetitionPenalty NaN/);
+});
+
+test('guidance and the layout keep range equal the float64 reference (scale·(lc − lu) + lu, then keep, then top-K)', async () => {
+  const rng = new Rng(21);
+  // rows: 0 guided by 1 (visual ids kept), 1 the unconditional row (left as it is), 2 a text row, 3 guided by 2 with
+  // one id kept (a row end), 4 guided by 1 at scale 0 (= the unconditional row)
+  const logits = randomLogits(rng, 5, 3);
+  const plain = { maskBegin: 0, maskEnd: 0, repetitionPenalty: 1, penalisedIds: [], temperature: 1, fullRow: false };
+  const head: SamplingRow[] = [
+    { ...plain, topK: 50, keepBegin: VISUAL[0], keepEnd: VISUAL[1], cfg: { partnerRow: 1, scale: 3 } },
+    { ...plain, topK: 1, keepBegin: VISUAL[0], keepEnd: VISUAL[1] },
+    { ...plain, topK: 8, maskBegin: VISUAL[0], maskEnd: VISUAL[1] },
+    { ...plain, topK: 3, keepBegin: 151846, keepEnd: 151847, cfg: { partnerRow: 2, scale: 1.5 }, temperature: 0.7 },
+    { ...plain, topK: 20, cfg: { partnerRow: 1, scale: 0 } },
+  ];
+  const out = await runHead(logits, head, true);
+  const row = (b: number) => logits.subarray(b * V, (b + 1) * V);
+  const want = (b: number): Float64Array => {
+    const r = head[b];
+    const base = r.cfg ? guidedScores(row(b), row(r.cfg.partnerRow), r.cfg.scale) : Float64Array.from(row(b));
+    if (r.maskEnd > r.maskBegin) for (let i = r.maskBegin; i < r.maskEnd; i++) base[i] = Number.NEGATIVE_INFINITY;
+    keepOnly(base, r.keepBegin ?? 0, r.keepEnd ?? V);
+    for (let i = 0; i < V; i++) base[i] /= r.temperature;
+    return logSoftmax64(base);
+  };
+  head.forEach((r, b) => {
+    const ref = want(b);
+    const order = Array.from(ref.keys()).sort((x, y) => ref[y] - ref[x] || x - y);
+    const finite = order.filter((i) => ref[i] > Number.NEGATIVE_INFINITY).length;
+    const n = Math.min(r.topK, finite);
+    const got = Array.from(out.ids.subarray(b * out.k, b * out.k + n), Number);
+    assert.deepEqual(got, order.slice(0, n), `row ${b} ids`);
+    for (let j = 0; j < n; j++) {
+      const diff = Math.abs(out.logprobs[b * out.k + j] - ref[order[j]]);
+      assert.ok(diff < 2e-4, `row ${b} candidate ${j}: |Δ logprob| = ${diff}`);
+    }
+    for (let j = n; j < r.topK; j++) assert.equal(out.logprobs[b * out.k + j], Number.NEGATIVE_INFINITY, `row ${b}`);
+  });
+  // the row-end row keeps exactly one id, with logprob 0
+  assert.equal(Number(out.ids[3 * out.k]), 151846);
+  assert.equal(out.logprobs[3 * out.k], 0);
+  // a guided row at scale 0 is the unconditional row's log-softmax
+  const u = logSoftmax64(row(1));
+  for (const i of [0, 77, 151900, V - 1]) assert.ok(Math.abs(out.full![4 * V + i] - u[i]) < 2e-4, `scale 0 id ${i}`);
+});
+
+test('samplingFeeds refuses a guidance partner outside the run or an empty keep range', () => {
+  const plain: SamplingRow = { ...rows[0], topK: 1 };
+  assert.throws(() => samplingFeeds([{ ...plain, cfg: { partnerRow: 0, scale: 3 } }], V), /partner row 0/);
+  assert.throws(() => samplingFeeds([plain, { ...plain, cfg: { partnerRow: 2, scale: 3 } }], V), /partner row 2/);
+  assert.throws(() => samplingFeeds([{ ...plain, keepBegin: 5, keepEnd: 5 }], V), /keep range \[5, 5\)/);
+  assert.throws(
+    () => samplingFeeds([plain, { ...plain, cfg: { partnerRow: 0, scale: Number.NaN } }], V),
+    /guidance scale NaN/,
+  );
 });

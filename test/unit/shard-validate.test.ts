@@ -438,7 +438,12 @@ describe('planBatch', () => {
         side({ repetition_penalty: 1.1, penalised_ids: [3, 1000] }),
         /sampling\[0\] \(sequence 1\)\.penalised_ids\[1\] = 1000 is outside the vocabulary/,
       ],
-      [side({ mask: 'MASK_KIND_IMAGE_LAYOUT' }), /MASK_KIND_IMAGE_LAYOUT is not supported yet/],
+      [side({ mask: 'MASK_KIND_IMAGE_LAYOUT' }), /MASK_KIND_IMAGE_LAYOUT needs allow_begin < allow_end ≤ 1000/],
+      [side({ mask: 'MASK_KIND_IMAGE_LAYOUT', allow_begin: 10, allow_end: 1001 }), /got \[10, 1001\)/],
+      [side({ mask: 'MASK_KIND_TEXT', allow_begin: 1, allow_end: 2 }), /only for MASK_KIND_IMAGE_LAYOUT/],
+      [side({ cfg_uncond_sequence_id: 1, guidance_scale: 3 }), /cfg_uncond_sequence_id must name another/],
+      [side({ cfg_uncond_sequence_id: 2, guidance_scale: -1 }), /guidance_scale -1 must be finite and ≥ 0/],
+      [side({ cfg_uncond_sequence_id: 2, guidance_scale: Number.NaN }), /guidance_scale NaN/],
     ];
     for (const stage of [first, last])
       for (const [s, message] of cases) {
@@ -457,6 +462,66 @@ describe('planBatch', () => {
           'the entry leaves with its item',
         );
       }
+  });
+});
+
+describe('guidance pairs', () => {
+  const layout = { mask: 'MASK_KIND_IMAGE_LAYOUT' as const, allow_begin: 800, allow_end: 1000, top_k: 20 };
+  const pair = (condOver: Partial<BatchItem> = {}) =>
+    batch(
+      [
+        item({ sequence_id: 9, slot: 3, sample: true }),
+        item({ sample: true, ...condOver }),
+        item({ sequence_id: 2, slot: 1, sample: true }),
+      ],
+      {
+        token_ids: [],
+        hidden_states: hidden(3),
+        sampling: [
+          side({ sequence_id: 9 }),
+          side({ ...layout, temperature: 1, cfg_uncond_sequence_id: 2, guidance_scale: 3 }),
+          side({ ...layout, sequence_id: 2 }),
+        ],
+      },
+    );
+
+  test('the guided row names its partner’s row in the run, with the keep range and the scale', () => {
+    const plan = planBatch(pair(), last, new KvLedger(4, 64));
+    assert.deepEqual(plan.refusals, []);
+    const { rows } = samplingRows(plan, new PenaltySets());
+    assert.deepEqual(rows[1].cfg, { partnerRow: 2, scale: 3 });
+    assert.deepEqual([rows[1].keepBegin, rows[1].keepEnd, rows[1].maskEnd], [800, 1000, 0]);
+    assert.equal(rows[2].cfg, undefined);
+    assert.deepEqual([rows[2].keepBegin, rows[2].keepEnd], [800, 1000]);
+    assert.equal(rows[0].cfg, undefined);
+  });
+
+  test('either item of a pair refused refuses the other; the unrelated item runs', () => {
+    for (const stage of [first, last]) {
+      // the conditional item asks for positions its slot does not hold
+      const b = pair({ start_position: 5 });
+      if (stage.isFirst) {
+        b.token_ids = [1, 2, 3];
+        b.hidden_states = null;
+      }
+      const plan = planBatch(b, stage, new KvLedger(4, 64));
+      assert.deepEqual(
+        plan.kept.map((k) => k.sequence_id),
+        [9],
+      );
+      assert.deepEqual(plan.refusals.map((r) => r.sequence_id).sort(), [1, 2]);
+      const partner = plan.refusals.find((r) => r.sequence_id === 2)!;
+      assert.match(partner.message, /the sequence it guides \(sequence 1\) does not run here/);
+    }
+    // the unconditional item missing from the batch: the guided one is refused (FAILED_PRECONDITION)
+    const b = pair();
+    b.items = b.items.slice(0, 2);
+    b.sampling = b.sampling.slice(0, 2);
+    b.hidden_states = hidden(2);
+    const plan = planBatch(b, last, new KvLedger(4, 64));
+    const r = oneRefusal(plan);
+    assert.deepEqual([r.sequence_id, r.status_code], [1, 9]);
+    assert.match(r.message, /its guidance partner \(sequence 2\) is not a sampled item that runs here/);
   });
 });
 
