@@ -53,9 +53,8 @@ export class InternalError extends Error {
   readonly code = GrpcCode.INTERNAL;
 }
 
-/** Any coordinator error with the status it should end the call with (INTERNAL for anything untyped). */
-export function statusOf(err: unknown): { code: number; message: string } {
-  const message = err instanceof Error ? err.message : String(err);
+/** A typed coordinator error's status and message; undefined for anything else (a bug: the caller answers INTERNAL). */
+export function typedStatus(err: unknown): { code: number; message: string } | undefined {
   if (
     err instanceof InvalidArgumentError ||
     err instanceof ResourceExhaustedError ||
@@ -63,6 +62,6 @@ export function statusOf(err: unknown): { code: number; message: string } {
     err instanceof StageRefusedError ||
     err instanceof InternalError
   )
-    return { code: err.code, message };
-  return { code: GrpcCode.INTERNAL, message };
+    return { code: err.code, message: err.message };
+  return undefined;
 }

@@ -199,18 +199,7 @@ export class PrefixCache<K> {
 
   /** Follows `tokens` down the tree; node is the deepest node reached (possibly through part of its label). */
   private walk(tokens: ArrayLike<number>, limit: number): { node: RadixNode<K>; matched: number } {
-    let node = this.root;
-    let matched = 0;
-    while (matched < limit) {
-      const child = node.children.get(tokens[matched]);
-      if (!child) break;
-      let j = 0;
-      while (j < child.label.length && matched + j < limit && child.label[j] === tokens[matched + j]) j++;
-      matched += j;
-      node = child;
-      if (j < child.label.length) break;
-    }
-    return { node, matched };
+    return this.walkPath(tokens, limit).at(-1) ?? { node: this.root, matched: 0 };
   }
 
   private add(entry: PrefixEntry<K>): void {

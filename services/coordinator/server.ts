@@ -22,14 +22,7 @@ import type { SpanHandle } from '../../lib/telemetry/tracing.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import type { Emu3Tokenizer } from '../../lib/tokenizer/tokenizer.js';
 import { Engine, type EngineEvent } from './engine.js';
-import {
-  InternalError,
-  InvalidArgumentError,
-  ResourceExhaustedError,
-  StageRefusedError,
-  statusOf,
-  UnavailableError,
-} from './errors.js';
+import { typedStatus } from './errors.js';
 import { EventQueue } from './event-queue.js';
 import { commonCapacity } from './kv-manager.js';
 import { PipelineClient } from './pipeline-client.js';
@@ -115,17 +108,8 @@ function publicPackage(): protoLoader.PackageDefinition {
 
 /** The coordinator's typed errors as statuses; anything else is left to the wrapper, which answers INTERNAL. */
 function mapCoordinatorError(err: unknown): RpcError | undefined {
-  if (
-    err instanceof InvalidArgumentError ||
-    err instanceof ResourceExhaustedError ||
-    err instanceof UnavailableError ||
-    err instanceof StageRefusedError ||
-    err instanceof InternalError
-  ) {
-    const { code, message } = statusOf(err);
-    return new RpcError(code, message);
-  }
-  return undefined;
+  const status = typedStatus(err);
+  return status && new RpcError(status.code, status.message);
 }
 
 interface Deps {
