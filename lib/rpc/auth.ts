@@ -1,5 +1,5 @@
 // Who may call a service: bearer tokens read from a file (one a line, re-read when the file changes) checked in
-// constant time by one server interceptor for every method of a server, and the client side that sends them. A token
+// constant time by a guard wrapped around every method of a server, and the client side that sends them. A token
 // never appears in a log line or an error message. docs/security.md has the whole picture.
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
@@ -130,14 +130,49 @@ export function refusal(policy: AuthPolicy, path: string, header: unknown): Refu
 export const REFUSAL_LOG_INTERVAL_MS = 1000;
 
 /**
- * A server interceptor that refuses every call the policy does not let through before its handler starts: the
- * handler never runs and no message of the call is read. Refusals are logged with the method and the peer only,
- * at most one line a second (a flood of strangers does not flood the log).
+ * Wraps every method of a service so that a call the policy does not let through is refused before its handler
+ * runs: UNAUTHENTICATED, and nothing is executed. Done by wrapping the handlers rather than with a grpc-js server
+ * interceptor: an interceptor sits on every message of every call, and on the pipeline's long-lived streams that
+ * measured ~5% of tokens/s at concurrency 1 (two shards, small preset). Refusals are logged with the method and the
+ * peer only, at most one line a second (a flood of strangers does not flood the log).
  */
-export function authInterceptor(policy: AuthPolicy, log: Logger): grpc.ServerInterceptor {
+export function guardService(
+  definition: grpc.ServiceDefinition,
+  implementation: grpc.UntypedServiceImplementation,
+  policy: AuthPolicy,
+  log: Logger,
+): grpc.UntypedServiceImplementation {
+  const logRefusal = refusalLogger(log);
+  const guarded: grpc.UntypedServiceImplementation = {};
+  for (const [name, handler] of Object.entries(implementation)) {
+    const method = definition[name];
+    if (!method) {
+      guarded[name] = handler;
+      continue;
+    }
+    const fn = handler as (call: AnyServerCall, callback?: grpc.sendUnaryData<unknown>) => void;
+    guarded[name] = ((call: AnyServerCall, callback?: grpc.sendUnaryData<unknown>) => {
+      const denied = refusal(policy, method.path, call.metadata.get('authorization')[0]);
+      if (!denied) return fn(call, callback);
+      logRefusal(method.path, call.getPeer(), denied.details);
+      const error = Object.assign(new Error(denied.details), { code: denied.code, details: denied.details });
+      if (!method.responseStream && callback) callback(error, null);
+      else (call as grpc.ServerWritableStream<unknown, unknown>).emit('error', error);
+    }) as grpc.UntypedHandleCall;
+  }
+  return guarded;
+}
+
+type AnyServerCall =
+  | grpc.ServerUnaryCall<unknown, unknown>
+  | grpc.ServerReadableStream<unknown, unknown>
+  | grpc.ServerWritableStream<unknown, unknown>
+  | grpc.ServerDuplexStream<unknown, unknown>;
+
+function refusalLogger(log: Logger): (path: string, peer: string, why: string) => void {
   let loggedAt = Number.NEGATIVE_INFINITY;
   let unlogged = 0;
-  const logRefusal = (path: string, peer: string, why: string) => {
+  return (path, peer, why) => {
     const now = performance.now();
     if (now - loggedAt < REFUSAL_LOG_INTERVAL_MS) {
       unlogged++;
@@ -147,19 +182,6 @@ export function authInterceptor(policy: AuthPolicy, log: Logger): grpc.ServerInt
     loggedAt = now;
     unlogged = 0;
   };
-  return (method, call) =>
-    new grpc.ServerInterceptingCall(call, {
-      start: (next) => {
-        next({
-          onReceiveMetadata: (metadata, pass) => {
-            const denied = refusal(policy, method.path, metadata.get('authorization')[0]);
-            if (!denied) return pass(metadata);
-            logRefusal(method.path, call.getPeer(), denied.details);
-            call.sendStatus({ code: denied.code, details: denied.details, metadata: new grpc.Metadata() });
-          },
-        });
-      },
-    });
 }
 
 /** A client interceptor that sends `authorization: Bearer <token()>` on every call (nothing when it is undefined). */

@@ -5,7 +5,7 @@ import { createServer } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import type { PackageDefinition } from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
-import { type AuthPolicy, authInterceptor } from './auth.js';
+import { type AuthPolicy, guardService } from './auth.js';
 import { HealthService } from './health.js';
 import type { Logger } from './log.js';
 import { serverCredentials, type TlsFiles } from './tls.js';
@@ -48,7 +48,7 @@ export interface ServeOptions {
   reflection?: boolean;
   /**
    * Who may call: every call of every service (health excepted, and what `auth.open` lets through) must carry a
-   * bearer token of the policy, checked by one interceptor before any handler runs. Default: anyone.
+   * bearer token of the policy, checked by a guard around every handler before it runs. Default: anyone.
    */
   auth?: AuthPolicy;
   /** Serve TLS with this certificate and key (default: plaintext). */
@@ -144,21 +144,24 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
     'grpc.max_receive_message_length': maxReceive,
     'grpc.max_send_message_length': opts.maxSendMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
     ...opts.serverOptions,
-    interceptors: [
-      ...(opts.auth ? [authInterceptor(opts.auth, log.child({ component: 'auth' }))] : []),
-      ...(opts.serverOptions?.interceptors ?? []),
-    ],
   });
+  const authLog = log.child({ component: 'auth' });
+  const guard = (definition: grpc.ServiceDefinition, implementation: grpc.UntypedServiceImplementation) =>
+    opts.auth ? guardService(definition, implementation, opts.auth, authLog) : implementation;
   const health = new HealthService('NOT_SERVING');
-  server.addService(health.definition(), health.implementation(log.child({ component: 'health' })));
-  for (const s of opts.services) server.addService(s.definition, s.implementation);
+  server.addService(
+    health.definition(),
+    guard(health.definition(), health.implementation(log.child({ component: 'health' }))),
+  );
+  for (const s of opts.services) server.addService(s.definition, guard(s.definition, s.implementation));
   const hasReflection = opts.services.some((s) => s.name.startsWith(REFLECTION_PREFIX));
   if (opts.reflection !== false && !hasReflection) {
     const described: ServiceBinding[] = [
       ...opts.services,
       { name: 'grpc.health.v1.Health', definition: health.definition(), implementation: {} },
     ];
-    for (const r of reflectionBindings(described)) server.addService(r.definition, r.implementation);
+    for (const r of reflectionBindings(described))
+      server.addService(r.definition, guard(r.definition, r.implementation));
   }
 
   const port = await new Promise<number>((resolve, reject) => {

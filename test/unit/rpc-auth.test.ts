@@ -1,4 +1,4 @@
-// lib/rpc/auth.ts: token files, constant-time matching, the refusal rules, and the interceptor that serve() installs
+// lib/rpc/auth.ts: token files, constant-time matching, the refusal rules, and the guard that serve() wraps around every method
 // against a real grpc-js server on loopback (in-process): refused calls never reach their handler, on unary, server-
 // and bidi-streaming methods alike; health stays open. Also the shard's reply_to allowlist.
 import assert from 'node:assert/strict';
