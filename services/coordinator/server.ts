@@ -233,15 +233,8 @@ async function generateImage(
               : {}),
           },
         });
-        log.info('generated image', {
-          requestId,
+        logFinished(log, 'generated image', requestId, e, received, obs.traceId, {
           grid: `${image.grid.height}x${image.grid.width}`,
-          promptTokens: e.usage.promptTokens,
-          cachedTokens: e.usage.cachedTokens,
-          completionTokens: e.usage.completionTokens,
-          finish: e.finishReason,
-          ms: Math.round(performance.now() - received),
-          ...(obs.traceId ? { traceId: obs.traceId } : {}),
         });
         return;
       }
@@ -250,6 +243,28 @@ async function generateImage(
     signal.removeEventListener('abort', onAbort);
     if (signal.aborted) handle.cancel();
   }
+}
+
+/** The one log line of a finished request (text or image), with its trace id when it was traced. */
+function logFinished(
+  log: Logger,
+  msg: string,
+  requestId: string,
+  e: { usage: { promptTokens: number; cachedTokens: number; completionTokens: number }; finishReason: string },
+  received: number,
+  traceId: string | undefined,
+  extra: Record<string, unknown> = {},
+): void {
+  log.info(msg, {
+    requestId,
+    ...extra,
+    promptTokens: e.usage.promptTokens,
+    cachedTokens: e.usage.cachedTokens,
+    completionTokens: e.usage.completionTokens,
+    finish: e.finishReason,
+    ms: Math.round(performance.now() - received),
+    ...(traceId ? { traceId } : {}),
+  });
 }
 
 function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImplementation {
@@ -303,15 +318,7 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
                     stopString: e.stopString,
                   },
                 });
-                log.info('generated', {
-                  requestId,
-                  promptTokens: e.usage.promptTokens,
-                  cachedTokens: e.usage.cachedTokens,
-                  completionTokens: e.usage.completionTokens,
-                  finish: e.finishReason,
-                  ms: Math.round(performance.now() - received),
-                  ...(obs.traceId ? { traceId: obs.traceId } : {}),
-                });
+                logFinished(log, 'generated', requestId, e, received, obs.traceId);
                 return;
               }
             }
