@@ -32,8 +32,6 @@ const image = {
   entrypoint: execForm(runtime.instructions.find((i) => i.keyword === 'ENTRYPOINT')!),
   cmd: execForm(runtime.instructions.find((i) => i.keyword === 'CMD')!),
 };
-/** Flags the security and webgpu components pass that emu3 may not have yet (docs/deploy.md, "Optional parts"). */
-const PENDING_FLAGS = new Set<string>();
 const COMMANDS = new Map([
   ['coordinator', coordinatorCommand.spec],
   ['shard', shardCommand.spec],
@@ -61,10 +59,10 @@ function renderEverything(): K8sObject[] {
   }
 }
 
-const variants: [string, () => K8sObject[], { pendingFlags: boolean }][] = [
-  ['cpu-tiny', () => render(join(k8s, 'overlays/cpu-tiny')), { pendingFlags: false }],
-  ['gpu', () => render(join(k8s, 'overlays/gpu')), { pendingFlags: false }],
-  ['gpu + every component', renderEverything, { pendingFlags: true }],
+const variants: [string, () => K8sObject[]][] = [
+  ['cpu-tiny', () => render(join(k8s, 'overlays/cpu-tiny'))],
+  ['gpu', () => render(join(k8s, 'overlays/gpu'))],
+  ['gpu + every component', renderEverything],
 ];
 
 const lwsEnv = (t: PodTemplate, w: number) => {
@@ -91,7 +89,7 @@ function emu3Invocation(c: Container, env: Map<string, string>): { cmd: string; 
   return { cmd: rest[0], flags };
 }
 
-for (const [name, renderIt, opts] of variants) {
+for (const [name, renderIt] of variants) {
   test(`${name}: renders, and every object validates against deploy/schemas`, () => {
     const objects = renderIt();
     assert.ok(objects.length >= 10);
@@ -165,7 +163,7 @@ for (const [name, renderIt, opts] of variants) {
     assert.equal(gpus(leader), undefined, 'the coordinator needs no GPU');
   });
 
-  test(`${name}: every flag is one the command knows${opts.pendingFlags ? ' (or a pending one)' : ''}; every $(VAR) is defined`, () => {
+  test(`${name}: every flag is one the command knows; every $(VAR) is defined`, () => {
     const objects = renderIt();
     for (const t of podTemplates(objects)) {
       for (const c of [...t.spec.containers, ...(t.spec.initContainers ?? [])]) {
@@ -179,11 +177,7 @@ for (const [name, renderIt, opts] of variants) {
         const { cmd, flags } = emu3Invocation(c, env);
         const spec = COMMANDS.get(cmd);
         assert.ok(spec, `${t.where} ${c.name}: command ${cmd}`);
-        for (const f of flags)
-          assert.ok(
-            f in spec.flags || (opts.pendingFlags && PENDING_FLAGS.has(f)),
-            `${t.where} ${c.name}: emu3 ${cmd} has no --${f}`,
-          );
+        for (const f of flags) assert.ok(f in spec.flags, `${t.where} ${c.name}: emu3 ${cmd} has no --${f}`);
       }
     }
   });
