@@ -84,6 +84,21 @@ async function lastInfo(): Promise<ShardInfo> {
   return (await call(SHARD_PROTO, SHARD_SERVICE, last, 'Info', {}, internalCreds())) as ShardInfo;
 }
 
+/**
+ * The last shard's Info once its KV has settled: a finished answer's free (and its prompt's copy into the cache)
+ * travels down the pipeline after the answer's last token, so it may land a moment after the client has it.
+ */
+async function settledInfo(): Promise<ShardInfo> {
+  let prev = await lastInfo();
+  for (let i = 0; i < 50; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    const now = await lastInfo();
+    if (now.kv_tokens_in_use === prev.kv_tokens_in_use && now.kv_slots_in_use === prev.kv_slots_in_use) return now;
+    prev = now;
+  }
+  throw new Error("the last shard's KV did not settle within 5 s");
+}
+
 before(
   async () => {
     const { mkdtempSync } = await import('node:fs');
@@ -338,7 +353,7 @@ test("a stranger's crafted Forward to the last shard changes nobody's answer", T
     const cached = await generate(client, ask).done;
     assert.ok(cached.final.usage.cachedTokens > 0, 'the second identical request uses the cached prompt');
     assert.deepEqual(cached.ids, first.ids);
-    const info = await lastInfo();
+    const info = await settledInfo();
     assert.ok(info.kv_tokens_in_use > 0, 'the last shard holds the cached prompt');
     // The stranger knows the epoch and the slot count (as the measured attack did) but not the secret.
     for (const creds of [undefined, { token: () => WRONG }])
