@@ -15,7 +15,7 @@ import {
   type WriteStream,
   writeFileSync,
 } from 'node:fs';
-import { createServer } from 'node:net';
+
 import { availableParallelism, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -25,6 +25,7 @@ import type { Emu3Config } from '../lib/model/config.js';
 import { TokenFile } from '../lib/rpc/auth.js';
 import { type ClientCredentials, createClient, unaryCall } from '../lib/rpc/client.js';
 import { HEALTH_PROTO, HEALTH_SERVICE } from '../lib/rpc/health.js';
+import { checkListenable } from '../lib/rpc/serve.js';
 import type { TlsFiles } from '../lib/rpc/tls.js';
 import { describeExit, onFailure, type RestartPolicy } from './restart-policy.js';
 
@@ -162,7 +163,12 @@ export async function freePort(): Promise<number> {
     const port = 20_000 + Math.floor(Math.random() * 12_000);
     // Never the same port twice from one process: the children given earlier ones may not have bound them yet.
     if (handedOut.has(port)) continue;
-    if (await canListen(port)) {
+    if (
+      await checkListenable(`127.0.0.1:${port}`).then(
+        () => true,
+        () => false,
+      )
+    ) {
       handedOut.add(port);
       return port;
     }
@@ -171,14 +177,6 @@ export async function freePort(): Promise<number> {
 }
 
 const handedOut = new Set<number>();
-
-function canListen(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const srv = createServer();
-    srv.once('error', () => resolve(false));
-    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
-  });
-}
 
 /** Per-token work of a stage, in weights read: each decoder layer's, plus lm_head's on the last stage. */
 export interface StageCosts {
