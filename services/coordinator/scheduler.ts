@@ -452,7 +452,7 @@ export function applyPlan<S extends SchedSeq>(state: SchedulerState<S>, plan: St
       const inserted = state.cache.insert(c.tokens, { owner: c.owner, slot: c.toSlot });
       if (!inserted.adopted || inserted.evicted.length > 0)
         throw new Error(`applyPlan: the cache did not take ${c.owner} as planned`);
-      state.nextCacheOwner = Math.max(state.nextCacheOwner, Number(c.owner.slice('cache:'.length)) + 1);
+      state.nextCacheOwner++; // the plan numbered its inserts from state.nextCacheOwner, in this order
     }
     unpin(state, s);
     state.kv.release(r.id);
