@@ -10,7 +10,7 @@ import { GraphBuilder } from './graph.js';
 import { buildStageGraph, checkStageSpec, type StageShape, type StageSpec } from './stage-graph.js';
 
 /** Bump when the graph layout changes, so old cache entries are not reused. */
-export const STAGE_GRAPH_VERSION = 7;
+export const STAGE_GRAPH_VERSION = 8;
 
 export interface CachedStage {
   onnxPath: string;
@@ -38,9 +38,10 @@ export function resolveCacheDir(modelDir: string, explicit?: string): string {
 export function stageCacheKey(fingerprint: string, spec: StageSpec): string {
   // A CPU graph's key is what it was before devices existed, so existing caches stay valid.
   const device = spec.device && spec.device !== 'cpu' ? spec.device : '';
+  const noInt8 = spec.precision === 'int4' && spec.int8Prefill === false ? '\0no-int8-prefill' : '';
   const hash = createHash('sha256')
     .update(
-      `${fingerprint}\0${spec.first}\0${spec.end}\0${spec.precision}\0v${STAGE_GRAPH_VERSION}${device ? `\0${device}` : ''}`,
+      `${fingerprint}\0${spec.first}\0${spec.end}\0${spec.precision}\0v${STAGE_GRAPH_VERSION}${device ? `\0${device}` : ''}${noInt8}`,
     )
     .digest('hex')
     .slice(0, 16);

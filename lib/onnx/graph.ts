@@ -29,7 +29,15 @@ export type AttrValue =
   | string[]
   | { floats: number[] }
   | { tensor: InlineTensor }
-  | { float: number };
+  | { float: number }
+  | { graph: Subgraph };
+
+/** A graph attribute (an If branch): nodes that may read any name of the enclosing graph, and its outputs. */
+export interface Subgraph {
+  name: string;
+  nodes: NodeDef[];
+  outputs: ValueInfo[];
+}
 
 interface InlineTensor {
   type: ElemType;
@@ -37,7 +45,7 @@ interface InlineTensor {
   raw: Uint8Array;
 }
 
-interface NodeDef {
+export interface NodeDef {
   opType: string;
   inputs: string[];
   outputs: string[];
@@ -54,7 +62,7 @@ interface InitDef {
   external?: { offset: number; length: number };
 }
 
-interface ValueInfo {
+export interface ValueInfo {
   name: string;
   type: ElemType;
   dims: Dim[];
@@ -169,6 +177,20 @@ export class GraphBuilder {
     return uniqueOuts;
   }
 
+  /**
+   * Adds the nodes `build` adds to `into` instead of this graph (the nodes of an If branch, see Subgraph); weights it
+   * adds stay initializers of this graph, which a subgraph reads from the outer scope.
+   */
+  withNodes<T>(into: NodeDef[], build: () => T): T {
+    const outer = this.nodes;
+    this.nodes = into;
+    try {
+      return build();
+    } finally {
+      this.nodes = outer;
+    }
+  }
+
   /** Shorthand for a single-output node. */
   op(opType: string, inputs: string[], outName: string, attrs: Record<string, AttrValue> = {}, domain = ''): string {
     return this.node(opType, inputs, [outName], attrs, { domain })[0];
@@ -227,6 +249,13 @@ function encodeAttr(name: string, v: AttrValue): ProtoWriter {
   }
   if ('float' in v) return a.float(2, v.float).int(20, 1);
   if ('floats' in v) return a.packedFloats(7, v.floats).int(20, 6);
+  if ('graph' in v) {
+    const g = new ProtoWriter();
+    for (const n of v.graph.nodes) g.message(1, encodeNode(n));
+    g.string(2, v.graph.name);
+    for (const o of v.graph.outputs) g.message(12, encodeValueInfo(o));
+    return a.message(6, g).int(20, 5);
+  }
   const t = new ProtoWriter().packedInts(1, v.tensor.dims).int(2, elemTypeCode[v.tensor.type]).bytes(9, v.tensor.raw);
   return a.message(5, t).int(20, 4);
 }

@@ -25,14 +25,22 @@
 //     layers.N.b.past_key / past_value float [R, kvHeads, maxLen, headDim]   (the branch's rows of the arena)
 //   chunk.causal_mask float [1, 1, G·S, S]  0 where new position j ≤ the query's position s (row g·S + s)
 //
+//   int8_path bool []  (int4 on cpu, StageShape.int8Prefill): run the layers' int8 branch instead of the int4 one
+//
+// An int4 stage on the CPU carries its layers twice, as the two branches of one If: MatMulNBits (int4 weights,
+// what decode steps read: half the bytes) and the int8 path (the same int4 weights re-quantised per channel to int8,
+// multiplied as integers by DynamicQuantizeMatMul: 2–3× faster for prefill's many rows). The runtime picks the int8
+// branch for runs of INT8_PATH_MIN_TOKENS tokens or more.
+//
 // The KV arena is owned by JS and fed as inputs (ORT wraps inputs without copying); the graph returns only the new
 // positions' post-rotary K and V, which the runtime writes into the arena (docs/architecture.md, "Stage graphs and devices", "KV lifecycle").
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
 import { concatFloat32 } from '../util/float32.js';
-import type { GraphBuilder } from './graph.js';
-import { type Int4Scheme, quantizeInt4 } from './int4.js';
+import type { GraphBuilder, NodeDef, ValueInfo } from './graph.js';
+import { dequantizeInt4, type Int4Scheme, type Int4Weight, quantizeInt4 } from './int4.js';
+import { type Int8Columns, quantizeInt8Columns } from './int8.js';
 import { addSamplingHead } from './sampling-head.js';
 
 export type Precision = 'fp32' | 'int4';
@@ -47,7 +55,12 @@ export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
 
 /** Every precision and op choice of the graph, decided in one place. */
 interface LinearPlan {
-  kind: 'fp32' | 'int4';
+  /**
+   * fp32 Gemm; int4 MatMulNBits; int8: the int4 weights re-quantised per output channel to int8 and multiplied by
+   * activations quantised to uint8 per row (com.microsoft DynamicQuantizeMatMul, whose u8·s8 GEMM MLAS runs on AMX
+   * where the CPU has it: measured 2.5–3× MatMulNBits at 128–2048 rows here).
+   */
+  kind: 'fp32' | 'int4' | 'int8';
   scheme: Int4Scheme;
   /** MatMulNBits accuracy_level: 4 = int8 compute, the fast CPU path (measured fastest here). */
   accuracyLevel: number;
@@ -66,6 +79,21 @@ function linearPlan(precision: Precision, device: Device): LinearPlan {
     : { kind: 'fp32', scheme: 'asymmetric', accuracyLevel: 0, fusedScores };
 }
 
+/**
+ * Whether an int4 stage also carries the int8 prefill path: on the CPU (its only user is MLAS's integer GEMM), unless
+ * the spec turns it off. It costs one byte per layer weight beside the int4 copy (not for lm_head, which always sees
+ * one row per item).
+ */
+export function hasInt8Prefill(spec: StageSpec): boolean {
+  return spec.precision === 'int4' && (spec.device ?? 'cpu') === 'cpu' && spec.int8Prefill !== false;
+}
+
+/**
+ * The runtime takes the int8 path for a run of at least this many tokens. Below it the int4 kernel wins: it reads
+ * half the bytes, and a decode step is bound by reading the weights (bench/prefill-profile.ts, BENCHMARKS.md).
+ */
+export const INT8_PATH_MIN_TOKENS = 16;
+
 export interface StageSpec {
   first: number;
   /** Exclusive. */
@@ -73,6 +101,8 @@ export interface StageSpec {
   precision: Precision;
   /** Default cpu. The graph differs per device only where a device lacks a kernel. */
   device?: Device;
+  /** int4 on cpu: carry the int8 prefill path (default true; see hasInt8Prefill). */
+  int8Prefill?: boolean;
 }
 
 export interface StageShape {
@@ -85,6 +115,8 @@ export interface StageShape {
   kvHeads: number;
   headDim: number;
   layers: number[];
+  /** The graph has the int8 prefill path and its `int8_path` input (hasInt8Prefill). */
+  int8Prefill: boolean;
 }
 
 export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
@@ -97,6 +129,7 @@ export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
     kvHeads: config.numKeyValueHeads,
     headDim: config.headDim,
     layers: Array.from({ length: spec.end - spec.first }, (_, i) => spec.first + i),
+    int8Prefill: hasInt8Prefill(spec),
   };
 }
 
@@ -120,6 +153,7 @@ export const io = {
   pastValue: (layer: number, b: Branch) => `layers.${layer}.${b}.past_value`,
   newKey: (layer: number) => `layers.${layer}.new_key`,
   newValue: (layer: number) => `layers.${layer}.new_value`,
+  int8Path: 'int8_path',
 };
 
 const MS = 'com.microsoft';
@@ -129,6 +163,11 @@ interface Ctx {
   ckpt: Checkpoint;
   c: Emu3Config;
   plan: LinearPlan;
+  /** Prefix of every node name of the layers ('' or the If branch's, e.g. 'int8.'). */
+  prefix: string;
+  /** Weights shared by both If branches, by initializer base name (norms), and each linear's int4 weight. */
+  shared: Map<string, string>;
+  int4: Map<string, Int4Weight>;
   /** position_ids as [1, T], the shape RotaryEmbedding takes. */
   positions: string;
   cos: string;
@@ -138,6 +177,8 @@ interface Ctx {
   big: string;
   axis2: string;
   axis3: string;
+  /** The chunk branch's whole mask [R, 1, G·S, S + P]: causal over the new positions, then the past mask. */
+  chunkMask: string;
 }
 
 /** Validates the layer range against the config; the message names the limit. */
@@ -178,12 +219,16 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     g.input(io.pastMask(b), 'float', [`${b}_rows`, 1, 1, `${b}_past_len`]);
   }
   g.input(io.causalMask, 'float', [1, 1, 'chunk_group_rows', 'chunk_len']);
+  const chunkMask = joinChunkMask(g);
   const [cos, sin] = rotaryTables(g, c);
   const ctx: Ctx = {
     g,
     ckpt,
     c,
     plan: linearPlan(spec.precision, spec.device ?? 'cpu'),
+    prefix: '',
+    shared: new Map(),
+    int4: new Map(),
     positions,
     cos,
     sin,
@@ -191,10 +236,11 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     big: g.constInt64('slice.end', [2 ** 31 - 1]),
     axis2: g.constInt64('slice.axis2', [2]),
     axis3: g.constInt64('slice.axis3', [3]),
+    chunkMask,
   };
 
-  let h = tokens ? embed(ctx, tokens) : (hiddenIn as string);
-  for (const layer of shape.layers) h = decoderLayer(ctx, layer, h);
+  const input = tokens ? embed(ctx, tokens) : (hiddenIn as string);
+  const h = shape.int8Prefill ? layersWithInt8Path(ctx, shape, input) : layerStack(ctx, shape, input);
   if (shape.isLast) {
     g.output(lmHead(ctx, h), 'float', ['batch', c.vocabSize]);
     addSamplingHead(g, io.logits, c.vocabSize); // sampling.* inputs/outputs (sampling-head.ts)
@@ -202,6 +248,81 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     g.output(g.op('Identity', [h], io.hiddenOut), 'float', ['tokens', c.hiddenSize]);
   }
   return shape;
+}
+
+/** Concat(causal mask broadcast to every row, past mask broadcast to every query): built once, read by every layer. */
+function joinChunkMask(g: GraphBuilder): string {
+  const past = io.pastMask('chunk');
+  const one = g.constInt64('chunk.mask.one', [1]);
+  const rows = g.op('Shape', [past], 'chunk.mask.rows', { start: 0, end: 1 });
+  const queries = g.op('Shape', [io.causalMask], 'chunk.mask.queries', { start: 2, end: 3 });
+  const causal = g.op(
+    'Expand',
+    [io.causalMask, g.op('Concat', [rows, one, one, one], 'chunk.mask.causal_shape', { axis: 0 })],
+    'chunk.mask.causal',
+  );
+  const pastAll = g.op(
+    'Expand',
+    [past, g.op('Concat', [one, one, queries, one], 'chunk.mask.past_shape', { axis: 0 })],
+    'chunk.mask.past',
+  );
+  return g.op('Concat', [causal, pastAll], 'chunk.mask', { axis: 3 });
+}
+
+/** The layers one after another; declares each layer's new K/V as graph outputs. Returns the last hidden state. */
+function layerStack(ctx: Ctx, shape: StageShape, input: string): string {
+  let h = input;
+  for (const layer of shape.layers) {
+    const kv = { key: io.newKey(layer), value: io.newValue(layer) };
+    h = decoderLayer(ctx, layer, h, kv);
+    ctx.g.output(kv.key, 'float', ['tokens', ctx.c.numKeyValueHeads * ctx.c.headDim]);
+    ctx.g.output(kv.value, 'float', ['tokens', ctx.c.numKeyValueHeads * ctx.c.headDim]);
+  }
+  return h;
+}
+
+/**
+ * The layers twice, as the two branches of one If on the `int8_path` input: int8 linear layers (then) and int4
+ * (else), everything else the same. The branches are built layer by layer side by side, so each weight is read and
+ * quantised once. Returns the If's hidden-state output.
+ */
+function layersWithInt8Path(ctx: Ctx, shape: StageShape, input: string): string {
+  const { g, c } = ctx;
+  const kvDim = c.numKeyValueHeads * c.headDim;
+  const int4Plan = ctx.plan;
+  const int8Plan: LinearPlan = { ...ctx.plan, kind: 'int8' };
+  const branches = [
+    { prefix: 'int8.', plan: int8Plan, nodes: [] as NodeDef[], outputs: [] as ValueInfo[], h: input },
+    { prefix: 'int4.', plan: int4Plan, nodes: [] as NodeDef[], outputs: [] as ValueInfo[], h: input },
+  ];
+  for (const layer of shape.layers) {
+    // int4 first: it quantises each linear's weight, which the int8 branch then re-quantises.
+    for (const b of [branches[1], branches[0]]) {
+      const kv = { key: `${b.prefix}${io.newKey(layer)}`, value: `${b.prefix}${io.newValue(layer)}` };
+      b.h = g.withNodes(b.nodes, () => decoderLayer({ ...ctx, prefix: b.prefix, plan: b.plan }, layer, b.h, kv));
+      b.outputs.push(
+        { name: kv.key, type: 'float', dims: ['tokens', kvDim] },
+        { name: kv.value, type: 'float', dims: ['tokens', kvDim] },
+      );
+    }
+    ctx.int4.clear();
+  }
+  const graphs = branches.map((b) => {
+    const last = g.withNodes(b.nodes, () => g.op('Identity', [b.h], `${b.prefix}hidden`));
+    return {
+      name: `${b.prefix}layers`,
+      nodes: b.nodes,
+      outputs: [{ name: last, type: 'float' as const, dims: ['tokens', c.hiddenSize] }, ...b.outputs],
+    };
+  });
+  g.input(io.int8Path, 'bool', []);
+  const kvNames = shape.layers.flatMap((layer) => [io.newKey(layer), io.newValue(layer)]);
+  const [h] = g.node('If', [io.int8Path], ['layers.hidden', ...kvNames], {
+    then_branch: { graph: graphs[0] },
+    else_branch: { graph: graphs[1] },
+  });
+  for (const name of kvNames) g.output(name, 'float', ['tokens', kvDim]);
+  return h;
 }
 
 /** h = embed_tokens[input_ids], kept in fp32 whatever the precision. */
@@ -216,14 +337,20 @@ function embed(ctx: Ctx, tokens: string): string {
   return g.op('Gather', [table, tokens], 'embed', { axis: 0 });
 }
 
-function decoderLayer(ctx: Ctx, layer: number, h: string): string {
+/** Names for the layer's new K and V (post-rotary), which the caller makes graph or branch outputs. */
+interface KvNames {
+  key: string;
+  value: string;
+}
+
+function decoderLayer(ctx: Ctx, layer: number, h: string, kv: KvNames): string {
   const { g } = ctx;
   const names = tensorNames.layer(layer);
-  const p = `layers.${layer}`;
-  const a = rmsnorm(ctx, `${p}.input_norm`, names.inputNorm, h);
-  const o = attention(ctx, layer, a);
+  const p = `${ctx.prefix}layers.${layer}`;
+  const a = rmsnorm(ctx, `${p}.input_norm`, names.inputNorm, h, `layers.${layer}.input_norm.weight`);
+  const o = attention(ctx, layer, a, kv);
   // h1 = h + o and m = RMSNorm_post(h1) in one fused op (output 3 is the sum).
-  const weight = normWeight(ctx, names.postNorm, `${p}.post_norm.weight`);
+  const weight = normWeight(ctx, names.postNorm, `layers.${layer}.post_norm.weight`);
   const [m, , , h1] = g.node(
     'SkipSimplifiedLayerNormalization',
     [h, o, weight],
@@ -238,8 +365,8 @@ function decoderLayer(ctx: Ctx, layer: number, h: string): string {
 }
 
 /** RMSNorm in fp32: x · rsqrt(mean(x²) + eps) · weight. */
-function rmsnorm(ctx: Ctx, name: string, tensor: string, x: string): string {
-  const weight = normWeight(ctx, tensor, `${name}.weight`);
+function rmsnorm(ctx: Ctx, name: string, tensor: string, x: string, weightName = `${name}.weight`): string {
+  const weight = normWeight(ctx, tensor, weightName);
   return ctx.g.op('SimplifiedLayerNormalization', [x, weight], name, {
     axis: -1,
     epsilon: { float: ctx.c.rmsNormEps },
@@ -247,26 +374,33 @@ function rmsnorm(ctx: Ctx, name: string, tensor: string, x: string): string {
   });
 }
 
+/** A norm's weight, one initializer however many branches use it. */
 function normWeight(ctx: Ctx, tensor: string, name: string): string {
-  return ctx.g.weight(name, 'float', [ctx.c.hiddenSize], ctx.ckpt.read(tensor, [ctx.c.hiddenSize]));
+  let w = ctx.shared.get(name);
+  if (!w) {
+    w = ctx.g.weight(name, 'float', [ctx.c.hiddenSize], ctx.ckpt.read(tensor, [ctx.c.hiddenSize]));
+    ctx.shared.set(name, w);
+  }
+  return w;
 }
 
 /**
  * q, k, v (one fused projection over all T tokens), rotate_half RoPE on q and k with per-token positions,
  * grouped-query attention per branch over arena + new, o_proj over all T tokens.
  */
-function attention(ctx: Ctx, layer: number, a: string): string {
+function attention(ctx: Ctx, layer: number, a: string, kv: KvNames): string {
   const { g, c } = ctx;
   const names = tensorNames.layer(layer);
-  const p = `layers.${layer}.attn`;
+  const p = `${ctx.prefix}layers.${layer}.attn`;
   const qDim = c.numAttentionHeads * c.headDim;
   const kvDim = c.numKeyValueHeads * c.headDim;
-  const qkvWeight = concatFloat32([
-    ctx.ckpt.readLinear(names.q, qDim, c.hiddenSize),
-    ctx.ckpt.readLinear(names.k, kvDim, c.hiddenSize),
-    ctx.ckpt.readLinear(names.v, kvDim, c.hiddenSize),
-  ]);
-  const qkv = linear(ctx, `${p}.qkv`, qkvWeight, qDim + 2 * kvDim, c.hiddenSize, a);
+  const qkvWeight = () =>
+    concatFloat32([
+      ctx.ckpt.readLinear(names.q, qDim, c.hiddenSize),
+      ctx.ckpt.readLinear(names.k, kvDim, c.hiddenSize),
+      ctx.ckpt.readLinear(names.v, kvDim, c.hiddenSize),
+    ]);
+  const qkv = linear(ctx, `layers.${layer}.attn.qkv`, qkvWeight, qDim + 2 * kvDim, c.hiddenSize, a);
   // [T, ·] → [1, T, ·]: RotaryEmbedding takes (batch, seq, hidden) with positions (batch, seq).
   const rows = g.op('Unsqueeze', [qkv, g.constInt64(`${p}.axis0`, [0])], `${p}.qkv_seq`);
   const [q, k, v] = g.node(
@@ -278,14 +412,13 @@ function attention(ctx: Ctx, layer: number, a: string): string {
   const flat = (x: string, dim: number, name: string) =>
     g.op('Reshape', [x, g.constInt64(`${name}.shape`, [-1, dim])], name);
   const qRot = flat(rotary(ctx, `${p}.q_rot`, q, c.numAttentionHeads), qDim, `${p}.q_flat`);
-  const kRot = flat(rotary(ctx, `${p}.k_rot`, k, c.numKeyValueHeads), kvDim, io.newKey(layer));
-  g.output(kRot, 'float', ['tokens', kvDim]);
-  const vNew = flat(v, kvDim, io.newValue(layer));
-  g.output(vNew, 'float', ['tokens', kvDim]);
+  const kRot = flat(rotary(ctx, `${p}.k_rot`, k, c.numKeyValueHeads), kvDim, kv.key);
+  const vNew = flat(v, kvDim, kv.value);
   const branchRows = BRANCHES.map((b) => attend(ctx, layer, b, qRot, kRot, vNew));
   const rowsOut = g.op('Concat', branchRows, `${p}.branch_rows`, { axis: 0 });
   const attn = g.op('Gather', [rowsOut, io.tokenRows], `${p}.out`, { axis: 0 });
-  return linear(ctx, `${p}.o`, ctx.ckpt.readLinear(names.o, c.hiddenSize, qDim), c.hiddenSize, qDim, attn);
+  const oWeight = () => ctx.ckpt.readLinear(names.o, c.hiddenSize, qDim);
+  return linear(ctx, `layers.${layer}.attn.o`, oWeight, c.hiddenSize, qDim, attn);
 }
 
 /**
@@ -297,7 +430,7 @@ function attention(ctx: Ctx, layer: number, a: string): string {
  */
 function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: string, vFlat: string): string {
   const { g, c } = ctx;
-  const p = `layers.${layer}.attn.${branch}`;
+  const p = `${ctx.prefix}layers.${layer}.attn.${branch}`;
   const KV = c.numKeyValueHeads;
   const G = c.numAttentionHeads / KV;
   const d = c.headDim;
@@ -318,12 +451,12 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
   const kNew = heads(kFlat, 'k');
   const vNew = heads(vFlat, 'v');
   const pastLength = io.pastLength(branch);
-  const arena = (name: string) =>
-    g.op(
-      'Slice',
-      [g.input(name, 'float', [`${branch}_rows`, KV, `${branch}_max_len`, d]), ctx.zero, pastLength, ctx.axis2],
-      `${name}.used`,
-    );
+  const arena = (name: string) => {
+    // Declared once, whichever If branch asks first.
+    if (!ctx.shared.has(name))
+      ctx.shared.set(name, g.input(name, 'float', [`${branch}_rows`, KV, `${branch}_max_len`, d]));
+    return g.op('Slice', [name, ctx.zero, pastLength, ctx.axis2], `${ctx.prefix}${name}.used`);
+  };
   const kPast = arena(io.pastKey(layer, branch));
   const vPast = arena(io.pastValue(layer, branch));
   const scale = 1 / Math.sqrt(d);
@@ -338,26 +471,34 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
           ],
           `${p}.${name}`,
         );
-  const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask(branch)], `${p}.scores_past_masked`);
-  // A decode row's one new key is its own position: always visible, no mask.
-  const sNew =
-    branch === 'decode'
-      ? scores(kNew, 'scores_new')
-      : g.op('Add', [scores(kNew, 'scores_new'), io.causalMask], `${p}.scores_new_masked`);
   // New positions first, then the past: a row's real scores then sit at the same places whatever the branch's
   // longest past, and the −inf past padding of shorter rows is a tail of exact zeros after the softmax, so a row's
   // result does not depend on its batch (measured: past-first moved logits by ~1e-5 on emu3-tiny).
-  const probs = g.op('Softmax', [g.op('Concat', [sNew, sPast], `${p}.scores`, { axis: 3 })], `${p}.probs`, {
-    axis: -1,
-  });
-  const newLength = g.op('Shape', [sNew], `${p}.new_length`, { start: 3, end: 4 });
-  const pNew = g.op('Slice', [probs, ctx.zero, newLength, ctx.axis3], `${p}.probs_new`);
-  const pPast = g.op('Slice', [probs, newLength, ctx.big, ctx.axis3], `${p}.probs_past`);
-  const out = g.op(
-    'Add',
-    [g.op('MatMul', [pPast, vPast], `${p}.out_past`), g.op('MatMul', [pNew, vNew], `${p}.out_new`)],
-    `${p}.out4`,
-  );
+  let out: string;
+  if (branch === 'chunk') {
+    // Keys and values joined (small: d per position) so that scores, mask, softmax and ·V each make one pass over the
+    // [G·S, S + P] score matrix, which at prefill is the big tensor (past 1536: 64 MiB per layer).
+    const kAll = g.op('Concat', [kNew, kPast], `${p}.k_all`, { axis: 2 });
+    const vAll = g.op('Concat', [vNew, vPast], `${p}.v_all`, { axis: 2 });
+    const masked = g.op('Add', [scores(kAll, 'scores'), ctx.chunkMask], `${p}.scores_masked`);
+    const probs = g.op('Softmax', [masked], `${p}.probs`, { axis: -1 });
+    out = g.op('MatMul', [probs, vAll], `${p}.out4`);
+  } else {
+    const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask(branch)], `${p}.scores_past_masked`);
+    // A decode row's one new key is its own position: always visible, no mask.
+    const sNew = scores(kNew, 'scores_new');
+    const probs = g.op('Softmax', [g.op('Concat', [sNew, sPast], `${p}.scores`, { axis: 3 })], `${p}.probs`, {
+      axis: -1,
+    });
+    const newLength = g.op('Shape', [sNew], `${p}.new_length`, { start: 3, end: 4 });
+    const pNew = g.op('Slice', [probs, ctx.zero, newLength, ctx.axis3], `${p}.probs_new`);
+    const pPast = g.op('Slice', [probs, newLength, ctx.big, ctx.axis3], `${p}.probs_past`);
+    out = g.op(
+      'Add',
+      [g.op('MatMul', [pPast, vPast], `${p}.out_past`), g.op('MatMul', [pNew, vNew], `${p}.out_new`)],
+      `${p}.out4`,
+    );
+  }
   // [R, KV, G·S, d] → [R, KV, G, S, d] → [R, S, KV, G, d] → [R·S, H·d]
   const o5 = g.op('Reshape', [out, shape('o5_shape', [0, 0, G, -1, d])], `${p}.o5`);
   const oT = g.op('Transpose', [o5], `${p}.o5t`, { perm: [0, 3, 1, 2, 4] });
@@ -379,14 +520,20 @@ function rotary(ctx: Ctx, name: string, x: string, heads: number): string {
 function mlp(ctx: Ctx, layer: number, m: string): string {
   const { g, c } = ctx;
   const names = tensorNames.layer(layer);
-  const p = `layers.${layer}.mlp`;
+  const p = `${ctx.prefix}layers.${layer}.mlp`;
   const I = c.intermediateSize;
   const D = c.hiddenSize;
-  const gate = linear(ctx, `${p}.gate`, ctx.ckpt.readLinear(names.gate, I, D), I, D, m);
-  const up = linear(ctx, `${p}.up`, ctx.ckpt.readLinear(names.up, I, D), I, D, m);
+  const [gate, up] = linearPair(
+    ctx,
+    [`layers.${layer}.mlp.gate`, `layers.${layer}.mlp.up`],
+    [() => ctx.ckpt.readLinear(names.gate, I, D), () => ctx.ckpt.readLinear(names.up, I, D)],
+    I,
+    D,
+    m,
+  );
   const silu = g.op('Mul', [gate, g.op('Sigmoid', [gate], `${p}.gate_sigmoid`)], `${p}.silu`);
   const hidden = g.op('Mul', [silu, up], `${p}.act`);
-  return linear(ctx, `${p}.down`, ctx.ckpt.readLinear(names.down, D, I), D, I, hidden);
+  return linear(ctx, `layers.${layer}.mlp.down`, () => ctx.ckpt.readLinear(names.down, D, I), D, I, hidden);
 }
 
 /** Final norm and lm_head on the last token of each item only. */
@@ -394,19 +541,30 @@ function lmHead(ctx: Ctx, h: string): string {
   const { g, c } = ctx;
   const last = g.op('Gather', [h, g.input(io.lastTokens, 'int64', ['batch'])], 'head.last', { axis: 0 });
   const normed = rmsnorm(ctx, 'norm', tensorNames.norm, last);
-  const weight = ctx.ckpt.readLinear(tensorNames.lmHead, c.vocabSize, c.hiddenSize);
+  const weight = () => ctx.ckpt.readLinear(tensorNames.lmHead, c.vocabSize, c.hiddenSize);
   const logits = linear(ctx, 'lm_head', weight, c.vocabSize, c.hiddenSize, normed);
   return g.op('Identity', [logits], io.logits);
 }
 
-/** y = x · Wᵀ for a torch-layout [out, in] weight: Gemm(transB) in fp32, MatMulNBits in int4. */
-function linear(ctx: Ctx, name: string, weight: Float32Array, out: number, inp: number, x: string): string {
+/**
+ * y = x · Wᵀ for a torch-layout [out, in] weight: Gemm(transB) in fp32, MatMulNBits in int4, the int8 path's
+ * DynamicQuantizeMatMul (linearInt8). `name` names the weights (the same in both If branches: the int8 branch
+ * re-quantises the int4 branch's weight of that name); node names get the branch prefix.
+ */
+function linear(ctx: Ctx, name: string, weight: () => Float32Array, out: number, inp: number, x: string): string {
   const { g, plan } = ctx;
+  const node = `${ctx.prefix}${name}`;
   if (plan.kind === 'fp32') {
-    const w = g.weight(`${name}.weight`, 'float', [out, inp], weight);
-    return g.op('Gemm', [x, w], name, { transB: 1 });
+    const w = g.weight(`${name}.weight`, 'float', [out, inp], weight());
+    return g.op('Gemm', [x, w], node, { transB: 1 });
   }
-  const q = quantizeInt4(weight, out, inp, plan.scheme);
+  if (plan.kind === 'int8') {
+    const q = ctx.int4.get(name);
+    if (!q) throw new Error(`stage graph: the int8 branch needs ${name}'s int4 weight first`);
+    return linearInt8(g, node, quantizeInt8Columns(dequantizeInt4(q), out, inp), x);
+  }
+  const q = quantizeInt4(weight(), out, inp, plan.scheme);
+  if (ctx.prefix) ctx.int4.set(name, q);
   const inputs = [
     x,
     g.weight(`${name}.qweight`, 'uint8', [out, q.blocks, 16], q.packed),
@@ -416,10 +574,73 @@ function linear(ctx: Ctx, name: string, weight: Float32Array, out: number, inp: 
   return g.op(
     'MatMulNBits',
     inputs,
-    name,
+    node,
     { K: inp, N: out, bits: 4, block_size: 32, accuracy_level: plan.accuracyLevel },
     MS,
   );
+}
+
+/**
+ * Two linears of the same input (gate and up). The int8 path multiplies them as one [in, 2·out] weight (one
+ * quantisation of the activations, one GEMM with a wider N, which MLAS runs faster); the others run them apart.
+ */
+function linearPair(
+  ctx: Ctx,
+  names: [string, string],
+  weights: [() => Float32Array, () => Float32Array],
+  out: number,
+  inp: number,
+  x: string,
+): [string, string] {
+  if (ctx.plan.kind !== 'int8')
+    return [linear(ctx, names[0], weights[0], out, inp, x), linear(ctx, names[1], weights[1], out, inp, x)];
+  const halves = names.map((name) => {
+    const q = ctx.int4.get(name);
+    if (!q) throw new Error(`stage graph: the int8 branch needs ${name}'s int4 weight first`);
+    return dequantizeInt4(q);
+  });
+  const node = `${ctx.prefix}${names[0]}_${names[1].split('.').pop()}`;
+  const both = linearInt8(ctx.g, node, quantizeInt8Columns(concatFloat32(halves), 2 * out, inp), x);
+  const [a, b] = ctx.g.node(
+    'Split',
+    [both, ctx.g.constInt64(`${node}.split`, [out, out])],
+    [`${node}.0`, `${node}.1`],
+    {
+      axis: 1,
+    },
+  );
+  return [a, b];
+}
+
+/**
+ * x · Wᵀ with W in int8 per output channel and x quantised per row: each row is divided by its largest magnitude,
+ * so DynamicQuantizeMatMul's one uint8 range for the whole tensor ([-1, 1]) is every row's own range (a step of
+ * 1/127.5 of that row's largest value), and the product is scaled back per row.
+ */
+export function linearInt8(g: GraphBuilder, node: string, w: Int8Columns, x: string): string {
+  const amax = g.op(
+    'Max',
+    [
+      g.op('ReduceMax', [g.op('Abs', [x], `${node}.abs`), g.constInt64(`${node}.axis`, [1])], `${node}.row_max`, {
+        keepdims: 1,
+      }),
+      g.constFloat(`${node}.tiny`, [1e-30], []),
+    ],
+    `${node}.row_scale`,
+  );
+  const unit = g.op('Div', [x, amax], `${node}.rows_unit`);
+  const y = g.op(
+    'DynamicQuantizeMatMul',
+    [
+      unit,
+      g.weight(`${node}.int8_weight`, 'int8', [w.k, w.n], w.values),
+      g.weight(`${node}.int8_scales`, 'float', [w.n], w.scales),
+    ],
+    `${node}.int8`,
+    {},
+    MS,
+  );
+  return g.op('Mul', [y, amax], node);
 }
 
 /** cos/sin tables [maxPositions, headDim/2] for rotate_half RoPE with the config's theta, computed in float64. */

@@ -5,7 +5,7 @@
 // of each item back into the arena.
 import ort from 'onnxruntime-node';
 import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
-import { type Branch, io, type StageShape } from '../onnx/stage-graph.js';
+import { type Branch, INT8_PATH_MIN_TOKENS, io, type StageShape } from '../onnx/stage-graph.js';
 import { KvArena } from './kv-arena.js';
 import type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
 
@@ -26,13 +26,17 @@ interface BranchPlan {
 export class StageExecutor {
   readonly arena: KvArena;
   private readonly dummyPast: Float32Array;
+  /** Runs of at least this many tokens take the int8 path, where the graph has one (StageShape.int8Prefill). */
+  readonly int8MinTokens: number;
 
   constructor(
     private readonly session: StageSession,
     readonly shape: StageShape,
     readonly maxSequences: number,
     readonly maxSequenceLength: number,
+    opts: { int8MinTokens?: number } = {},
   ) {
+    this.int8MinTokens = opts.int8MinTokens ?? INT8_PATH_MIN_TOKENS;
     this.arena = new KvArena({
       layers: shape.layers.length,
       rows: maxSequences,
@@ -157,6 +161,7 @@ export class StageExecutor {
       });
     }
     feeds[io.tokenRows] = new ort.Tensor('int64', tokenRows, [T]);
+    if (this.shape.int8Prefill) feeds[io.int8Path] = new ort.Tensor('bool', [T >= this.int8MinTokens], []);
     return feeds;
   }
 

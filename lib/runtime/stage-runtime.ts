@@ -35,6 +35,12 @@ export interface StageRuntimeOptions {
   device?: Device;
   maxSequences: number;
   maxSequenceLength: number;
+  /**
+   * int4 on cpu: build the int8 prefill path (default true), and the fewest tokens of a run that take it (default
+   * INT8_PATH_MIN_TOKENS; a bench and test knob).
+   */
+  int8Prefill?: boolean;
+  int8MinTokens?: number;
   cacheDir?: string;
   /** ORT intra-op threads (default: all cores). */
   threads?: number;

@@ -19,14 +19,22 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
   try {
     cached = ensureStageGraph(
       ckpt,
-      { first: init.layers[0], end: init.layers[1], precision: init.precision, device: init.device },
+      {
+        first: init.layers[0],
+        end: init.layers[1],
+        precision: init.precision,
+        device: init.device,
+        int8Prefill: init.int8Prefill,
+      },
       { cacheDir: init.cacheDir, log },
     );
   } finally {
     ckpt.close();
   }
   const session = await createSession(cached.onnxPath, init);
-  const executor = new StageExecutor(session, cached.shape, init.maxSequences, init.maxSequenceLength);
+  const executor = new StageExecutor(session, cached.shape, init.maxSequences, init.maxSequenceLength, {
+    int8MinTokens: init.int8MinTokens,
+  });
   post({
     type: 'ready',
     info: {

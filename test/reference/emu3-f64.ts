@@ -25,8 +25,17 @@ export class Emu3Reference {
     private readonly lmHead: Float32Array,
   ) {}
 
-  static load(dir: string): Emu3Reference {
+  /**
+   * `linear` maps each linear layer's torch-layout [rows, cols] weight as read (e.g. to its int4-dequantised values,
+   * so that the reference is the quantised model in float64).
+   */
+  static load(
+    dir: string,
+    opts: { linear?: (w: Float32Array, rows: number, cols: number) => Float32Array } = {},
+  ): Emu3Reference {
     const ck = Checkpoint.open(dir);
+    const map = opts.linear ?? ((w: Float32Array) => w);
+    const readLinear = (name: string, rows: number, cols: number) => map(ck.readLinear(name, rows, cols), rows, cols);
     try {
       const c = ck.config;
       const D = c.hiddenSize;
@@ -37,14 +46,14 @@ export class Emu3Reference {
         const n = tensorNames.layer(i);
         layers.push({
           inputNorm: ck.read(n.inputNorm, [D]),
-          q: ck.readLinear(n.q, qDim, D),
-          k: ck.readLinear(n.k, kvDim, D),
-          v: ck.readLinear(n.v, kvDim, D),
-          o: ck.readLinear(n.o, D, qDim),
+          q: readLinear(n.q, qDim, D),
+          k: readLinear(n.k, kvDim, D),
+          v: readLinear(n.v, kvDim, D),
+          o: readLinear(n.o, D, qDim),
           postNorm: ck.read(n.postNorm, [D]),
-          gate: ck.readLinear(n.gate, c.intermediateSize, D),
-          up: ck.readLinear(n.up, c.intermediateSize, D),
-          down: ck.readLinear(n.down, D, c.intermediateSize),
+          gate: readLinear(n.gate, c.intermediateSize, D),
+          up: readLinear(n.up, c.intermediateSize, D),
+          down: readLinear(n.down, D, c.intermediateSize),
         });
       }
       return new Emu3Reference(
@@ -52,7 +61,7 @@ export class Emu3Reference {
         ck.read(tensorNames.embed, [c.vocabSize, D]),
         layers,
         ck.read(tensorNames.norm, [D]),
-        ck.readLinear(tensorNames.lmHead, c.vocabSize, D),
+        readLinear(tensorNames.lmHead, c.vocabSize, D),
       );
     } finally {
       ck.close();
