@@ -1,4 +1,5 @@
-// Stage benchmark: decode tokens/s at batch 1/4/16 and context 128/2048, prefill tokens/s, fp32 and int4, on the
+// Stage benchmark: decode tokens/s at batch 1/4/16 and context 128/2048, prefill tokens/s of 128- and 2048-token
+// prompts, fp32 and int4 (with and without its int8 prefill path), on the
 // `small` preset (whole model in one stage) and on ONE decoder layer with the real Emu3 shapes (hidden 4096,
 // intermediate 14336, 32 heads, 8 KV heads: a middle stage of a 3-layer checkpoint). Also: weight bytes read per
 // token, bandwidth efficiency (achieved weight GB/s ÷ this machine's read bandwidth, measured in the same run),
@@ -127,6 +128,7 @@ async function rssProbe(
   end: number,
   precision: Precision,
   cacheDir: string,
+  int8Prefill: boolean,
 ): Promise<void> {
   const base = process.memoryUsage().rss;
   let peak = base;
@@ -140,6 +142,7 @@ async function rssProbe(
     maxSequences: 1,
     maxSequenceLength: 16,
     cacheDir,
+    int8Prefill,
   });
   peak = Math.max(peak, process.memoryUsage().rss);
   clearInterval(timer);
@@ -147,7 +150,12 @@ async function rssProbe(
   await rt.close();
 }
 
-function probe(model: Model, precision: Precision, cacheDir: string): { ratio: number; reused: boolean } {
+function probe(
+  model: Model,
+  precision: Precision,
+  cacheDir: string,
+  int8Prefill: boolean,
+): { ratio: number; reused: boolean } {
   const out = execFileSync(
     process.execPath,
     [
@@ -158,6 +166,7 @@ function probe(model: Model, precision: Precision, cacheDir: string): { ratio: n
       String(model.layers[1]),
       precision,
       cacheDir,
+      String(int8Prefill),
     ],
     { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -167,22 +176,27 @@ function probe(model: Model, precision: Precision, cacheDir: string): { ratio: n
 
 interface Row {
   model: string;
+  /** The precision, and for int4 whether its int8 prefill path was built. */
+  variant: string;
   precision: Precision;
   weightMiB: number;
   readMiB: number;
   buildRss: number;
   loadRss: number;
-  prefill: number;
+  /** tok/s of a 128-token prompt (one run) and of a 2048-token prompt (4 runs of 512). */
+  prefill128: number;
+  prefill2048: number;
   decode: Record<string, number>;
   gbps: number;
 }
 
-async function benchModel(model: Model, precision: Precision): Promise<Row> {
+async function benchModel(model: Model, precision: Precision, int8Prefill = true): Promise<Row> {
   // A fresh cache per configuration, so that the first probe really builds and the second really loads.
-  const cacheDir = join(benchDir, `cache-${model.layers.join('-')}-${precision}`);
+  const variant = precision === 'int4' && !int8Prefill ? 'int4, no int8 path' : precision;
+  const cacheDir = join(benchDir, `cache-${model.layers.join('-')}-${precision}${int8Prefill ? '' : '-no-int8'}`);
   rmSync(cacheDir, { recursive: true, force: true });
-  const build = probe(model, precision, cacheDir);
-  const load = probe(model, precision, cacheDir);
+  const build = probe(model, precision, cacheDir, int8Prefill);
+  const load = probe(model, precision, cacheDir, int8Prefill);
   const rt = await StageRuntime.open({
     modelDir: model.dir,
     layers: model.layers,
@@ -190,6 +204,7 @@ async function benchModel(model: Model, precision: Precision): Promise<Row> {
     maxSequences: 16,
     maxSequenceLength: Math.max(...CTX) + 8,
     cacheDir,
+    int8Prefill,
   });
   const D = rt.hiddenSize;
   // The embedding is a Gather (one row per token), so a decode step reads every weight except the table.
@@ -199,11 +214,23 @@ async function benchModel(model: Model, precision: Precision): Promise<Row> {
     rt.isFirst
       ? { tokens: Int32Array.from({ length: tokens }, () => rng.nextU32() % 151643) }
       : { hidden: rng.fillNormal(new Float32Array(tokens * D), 1) };
-  // Prefill 2048 tokens into slot 0 in chunks of 512; copy it to the other slots (KV contents do not change timing).
+  // A 128-token prompt as one run, then a 2048-token prompt in runs of 512 (the coordinator's default chunk) into
+  // slot 0, each from position 0; then copy slot 0 to the others (KV contents do not change timing).
+  await rt.forward([{ slot: 0, start: 0, length: 128 }], input(128)); // warm-up: first run at a new shape
+  const short: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    const t = performance.now();
+    await rt.forward([{ slot: 0, start: 0, length: 128 }], input(128));
+    short.push(128 / ((performance.now() - t) / 1000));
+  }
   const chunk = 512;
-  const t0 = performance.now();
-  for (let start = 0; start < 2048; start += chunk) await rt.forward([{ slot: 0, start, length: chunk }], input(chunk));
-  const prefill = 2048 / ((performance.now() - t0) / 1000);
+  const long: number[] = [];
+  for (let i = 0; i < Math.min(RUNS, 3); i++) {
+    const t = performance.now();
+    for (let start = 0; start < 2048; start += chunk)
+      await rt.forward([{ slot: 0, start, length: chunk }], input(chunk));
+    long.push(2048 / ((performance.now() - t) / 1000));
+  }
   for (let s = 1; s < 16; s++) await rt.copyKv(0, s, 2048);
   const decode: Record<string, number> = {};
   let gbps = 0;
@@ -225,12 +252,14 @@ async function benchModel(model: Model, precision: Precision): Promise<Row> {
   await rt.close();
   return {
     model: model.name,
+    variant,
     precision,
     weightMiB: rt.weightBytes / 2 ** 20,
     readMiB: readBytes / 2 ** 20,
     buildRss: build.ratio,
     loadRss: load.ratio,
-    prefill,
+    prefill128: median(short),
+    prefill2048: median(long),
     decode,
     gbps,
   };
@@ -430,7 +459,8 @@ function table(rows: Row[], bw: { ort: number; js: number }): string {
     'weight file MiB',
     'read/step MiB',
     ...cols.map((c) => `tok/s b${c.replace('@', ' ctx')}`),
-    'prefill tok/s',
+    'prefill tok/s 128',
+    'prefill tok/s 2048',
     'GB/s b1 ctx128',
     'bw eff',
     'ctx2048/ctx128 b1',
@@ -442,11 +472,12 @@ function table(rows: Row[], bw: { ort: number; js: number }): string {
     lines.push(
       `| ${[
         r.model,
-        r.precision,
+        r.variant,
         r.weightMiB.toFixed(0),
         r.readMiB.toFixed(0),
         ...cols.map((c) => r.decode[c].toFixed(2)),
-        r.prefill.toFixed(1),
+        r.prefill128.toFixed(1),
+        r.prefill2048.toFixed(1),
         r.gbps.toFixed(2),
         (r.gbps / machine).toFixed(2),
         (r.decode['1@128'] / r.decode['1@2048']).toFixed(2),
@@ -460,7 +491,7 @@ function table(rows: Row[], bw: { ort: number; js: number }): string {
 
 async function main(): Promise<void> {
   if (args[0] === '--rss-probe') {
-    await rssProbe(args[1], Number(args[2]), Number(args[3]), args[4] as Precision, args[5]);
+    await rssProbe(args[1], Number(args[2]), Number(args[3]), args[4] as Precision, args[5], args[6] !== 'false');
     return;
   }
   mkdirSync(benchDir, { recursive: true });
@@ -478,8 +509,13 @@ async function main(): Promise<void> {
   );
   const rows: Row[] = [];
   for (const model of models) {
-    for (const precision of ['fp32', 'int4'] as const) {
-      const row = await benchModel(model, precision);
+    // int4 twice: with its int8 prefill path (the default) and without (MatMulNBits for every run), side by side.
+    for (const [precision, int8Prefill] of [
+      ['fp32', true],
+      ['int4', true],
+      ['int4', false],
+    ] as const) {
+      const row = await benchModel(model, precision, int8Prefill);
       console.error(JSON.stringify(row));
       rows.push(row);
     }
@@ -506,7 +542,8 @@ function writeSection(text: string): void {
       'Command: `npm run bench:stage` (builds, then `node dist/bench/stage.js [--dir DIR] [--runs N]`). Generates the',
       '`small` preset and a 3-layer checkpoint with the real Emu3 layer shapes (bench runs its layer 1 as a middle stage),',
       'builds each stage graph, then times decode steps (median of N runs; batch b = b sequences, one new token each, at',
-      'context c) and a 2048-token prefill in chunks of 512. RSS columns: peak RSS growth of a fresh process while',
+      'context c), prefill of a 128-token prompt (one run, median of N) and of a 2048-token prompt (runs of 512, median',
+      'of 3); int4 with its int8 prefill path (the default) and without it. RSS columns: peak RSS growth of a fresh process while',
       'building (cold cache) / loading (warm cache) the stage, divided by the weight file size. "bw eff" above 1 means',
       'the Gemm read weights faster than the ReduceSum probe did (the probe does not saturate the memory bus): read the',
       "GB/s column against the machine's memory read bandwidth (~20–24 GB/s measured here with 2 threads).",

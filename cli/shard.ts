@@ -1,7 +1,7 @@
 // `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
 
 import { loadEmu3Config } from '../lib/model/config.js';
-import { DEVICES, PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
+import { DEVICES, INT8_PATH_MIN_TOKENS, PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
 import { shardTelemetry } from '../lib/telemetry/shard.js';
@@ -55,6 +55,10 @@ const spec: CommandSpec = {
     'cache-dir': {
       help: 'graph cache directory (default: $EMU3_CACHE_DIR, else <model>/.emu3-cache, else ~/.cache/emu3-serve)',
     },
+    'no-int8-prefill': {
+      boolean: true,
+      help: `int4 on cpu: leave out the int8 prefill path (runs of ≥ ${INT8_PATH_MIN_TOKENS} tokens multiply int8 re-quantised weights; it adds one byte per layer weight; docs/serving.md)`,
+    },
     threads: { help: 'ORT intra-op threads (default: all cores)' },
     'no-spin': {
       boolean: true,
@@ -107,6 +111,7 @@ export const command: Command = {
       next: flags.string('next'),
       precision: flags.oneOf('precision', PRECISIONS) ?? ('fp32' as Precision),
       device: flags.oneOf('device', DEVICES) ?? 'cpu',
+      int8Prefill: !flags.bool('no-int8-prefill'),
       kvBudgetBytes: flags.int('kv-budget', 1),
       maxSlots: flags.int('max-slots', 1, 1_000_000),
       slotTokens: flags.int('slot-tokens', 1),

@@ -3,7 +3,7 @@
 // Forward streams finish what they queued and end, the links close, the worker stops.
 import { Checkpoint } from '../../lib/model/checkpoint.js';
 import { loadEmu3Config } from '../../lib/model/config.js';
-import { checkStageSpec, type Device, type Precision } from '../../lib/onnx/stage-graph.js';
+import { checkStageSpec, type Device, INT8_PATH_MIN_TOKENS, type Precision } from '../../lib/onnx/stage-graph.js';
 import { type InternalSecurity, internalClient, internalServe, warnIfOpen } from '../../lib/rpc/internal-security.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { type RunningServer, serve } from '../../lib/rpc/serve.js';
@@ -31,6 +31,8 @@ export interface ShardServerOptions {
   precision: Precision;
   /** Where ORT runs the stage (default cpu). */
   device?: Device;
+  /** int4 on cpu: build the int8 prefill path (default true; StageSpec.int8Prefill). */
+  int8Prefill?: boolean;
   kvBudgetBytes?: number;
   maxSlots?: number;
   slotTokens?: number;
@@ -101,6 +103,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     layers: [first, end],
     precision: opts.precision,
     device,
+    int8Prefill: opts.int8Prefill,
     maxSequences: capacity.slots,
     maxSequenceLength: capacity.slotTokens,
     cacheDir: opts.cacheDir,
@@ -108,7 +111,11 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     spin: opts.spin,
     log: (msg) => log.info('stage', { detail: msg }),
   });
-  log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
+  log.info('stage ready', {
+    ms: Math.round(performance.now() - started),
+    reusedGraph: runtime.reusedGraph,
+    ...(runtime.shape.int8Prefill ? { int8Prefill: `runs of ≥ ${INT8_PATH_MIN_TOKENS} tokens` } : {}),
+  });
 
   const where = `stage [${first}, ${end})`;
   const credentials = internalClient(opts.security);
