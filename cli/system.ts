@@ -42,6 +42,8 @@ export interface SystemOptions {
   coordinatorArgs?: string[];
   /** Extra flags for every shard. */
   shardArgs?: string[];
+  /** Extra flags for vq, e.g. ['--device', 'webgpu']. */
+  vqArgs?: string[];
   /** Where each child's log goes (DIR/<name>.log); none when unset. */
   logDir?: string;
   /** Health wait limit. Default 180 s. */
@@ -527,7 +529,15 @@ export async function startSystem(opts: SystemOptions, config: Emu3Config): Prom
     const vq: ChildRecipe = {
       name: 'vq',
       address: vqAddress,
-      args: ['vq', '--vq', opts.vqDir ?? join(opts.modelDir, 'vq'), '--listen', vqAddress, ...security],
+      args: [
+        'vq',
+        '--vq',
+        opts.vqDir ?? join(opts.modelDir, 'vq'),
+        '--listen',
+        vqAddress,
+        ...security,
+        ...(opts.vqArgs ?? []),
+      ],
     };
     await withMetrics(vq);
     // Last stage first, so each stage's next hop is already starting when it dials it.

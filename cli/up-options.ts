@@ -32,7 +32,10 @@ export const upSpec: CommandSpec = {
       default: '127.0.0.1:8000',
     },
     precision: { help: `shard weight precision: ${PRECISIONS.join(' or ')}`, default: 'fp32' },
-    device: { help: `where the shards run: ${DEVICES.join(', ')} (emu3 shard --device; docs/gpu.md)`, default: 'cpu' },
+    device: {
+      help: `where the shards and vq run ORT: ${DEVICES.join(', ')} (emu3 shard --device, emu3 vq --device; docs/gpu.md)`,
+      default: 'cpu',
+    },
     'log-dir': { help: 'write each process log to DIR/<name>.log (default: logs are kept in memory only)' },
     'ready-timeout-ms': { help: 'how long each process may take to become healthy', default: '300000' },
     'drain-timeout-ms': {
@@ -90,6 +93,8 @@ export interface UpOptions {
   restart: RestartPolicy;
   coordinatorArgs: string[];
   shardArgs: string[];
+  /** Extra flags for vq (its --device). */
+  vqArgs: string[];
   /** A Prometheus endpoint per process (--no-metrics turns them off). */
   metrics: boolean;
   /** --auth-token-file: public API tokens for the coordinator and the HTTP API. */
@@ -147,6 +152,7 @@ export function upOptions(flags: Flags): UpOptions {
     throw new UsageError(`up: ${join(modelDir, 'vq')}: no config.json there (give the VQ directory with --vq DIR)`);
   const precision = flags.oneOf('precision', PRECISIONS)!;
   const device = flags.oneOf('device', DEVICES)!;
+  const deviceArgs = device === 'cpu' ? [] : ['--device', device];
   const restart: RestartPolicy = {
     maxRestarts: flags.int('max-restarts', 0, 1000)!,
     windowMs: flags.int('restart-window-ms', 1, DAY_MS)!,
@@ -168,7 +174,8 @@ export function upOptions(flags: Flags): UpOptions {
     drainTimeoutMs: flags.int('drain-timeout-ms', 0, DAY_MS)!,
     restart,
     coordinatorArgs: extraFlags(flags, 'coordinator-arg'),
-    shardArgs: [...(device === 'cpu' ? [] : ['--device', device]), ...extraFlags(flags, 'shard-arg')],
+    shardArgs: [...deviceArgs, ...extraFlags(flags, 'shard-arg')],
+    vqArgs: deviceArgs,
     metrics: !flags.bool('no-metrics'),
     authTokenFile: checkedTokenFile(flags.string('auth-token-file')),
     tls: flags.bool('tls'),

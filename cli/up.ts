@@ -126,6 +126,7 @@ export const command: Command = {
           readyTimeoutMs: opts.readyTimeoutMs,
           coordinatorArgs: [...opts.coordinatorArgs, '--drain-timeout-ms', String(opts.drainTimeoutMs)],
           shardArgs: opts.shardArgs,
+          vqArgs: opts.vqArgs,
           progress: (line) => console.log(`emu3 up: ${line}`),
           supervise: {
             ...opts.restart,

@@ -1,8 +1,9 @@
 // `emu3 vq`: serve the VQ image tokenizer over gRPC, or run its pipeline once from the command line.
-//   emu3 vq --vq DIR --listen ADDR [--max-pixels N] [--queue N] [--workers N] [--cache-dir DIR]
+//   emu3 vq --vq DIR --listen ADDR [--device cpu|webgpu|cuda] [--max-pixels N] [--queue N] [--workers N] [--cache-dir DIR]
 //   emu3 vq encode --vq DIR IMAGE              → prints { "h", "w", "codes": [[...], ...] }
 //   emu3 vq decode --vq DIR CODES.json OUT.png
 import { readFileSync, writeFileSync } from 'node:fs';
+import { DEVICES } from '../lib/onnx/stage-graph.js';
 import { RpcError } from '../lib/rpc/errors.js';
 import { createLogger } from '../lib/rpc/log.js';
 import { checkListenable, DEFAULT_MAX_MESSAGE_BYTES } from '../lib/rpc/serve.js';
@@ -49,6 +50,10 @@ const spec: CommandSpec = {
     },
     workers: { help: 'codec workers (ORT worker threads), each running one request at a time', default: '1' },
     threads: { help: 'ORT threads per worker (default: the cores divided among the workers)' },
+    device: {
+      help: 'where ORT runs the encoder and decoder: cpu, webgpu (ONNX Runtime WebGPU over Vulkan; docs/gpu.md) or cuda (needs ORT CUDA libraries)',
+      default: 'cpu',
+    },
     'cache-dir': {
       help: 'where built ONNX graphs are cached (default: $EMU3_CACHE_DIR, else <vq dir>/.emu3-cache if writable, else ~/.cache/emu3-serve)',
     },
@@ -82,6 +87,7 @@ async function serveCommand(flags: Flags): Promise<number> {
     queueLimit: flags.int('queue', 0, 1_000_000),
     workers: flags.int('workers', 1, 64),
     threads: flags.int('threads', 1, 1024),
+    device: flags.oneOf('device', DEVICES),
     cacheDir: flags.string('cache-dir'),
     maxMessageBytes: flags.int('max-message-bytes', 1024, 2 ** 31 - 1),
     drainTimeoutMs: flags.int('drain-timeout-ms', 0),
@@ -107,6 +113,7 @@ async function withCodec<T>(flags: Flags, info: VqModelInfo, fn: (codec: VqCodec
   const codec = await VqCodec.open(info.dir, {
     cacheDir: flags.string('cache-dir'),
     threads: flags.int('threads', 1, 1024),
+    device: flags.oneOf('device', DEVICES),
     log: (msg) => log.info('codec', { detail: msg }),
   });
   try {

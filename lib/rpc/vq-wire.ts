@@ -39,4 +39,5 @@ export interface InfoResponse {
   workers: number;
   fingerprint: string;
   max_message_bytes: number;
+  device: string;
 }

@@ -2,9 +2,10 @@
 // the thread that serves gRPC). It builds or reuses the cached graph, then serves requests strictly one at a time.
 import { availableParallelism } from 'node:os';
 import { parentPort, workerData } from 'node:worker_threads';
-import ort from 'onnxruntime-node';
+import type ort from 'onnxruntime-node';
 import { Checkpoint } from '../model/checkpoint.js';
 import { ensureStageGraph } from '../onnx/graph-cache.js';
+import { createDeviceSession } from './device-session.js';
 import { type ForwardOutput, postTransferring, type Reply, type Request, type WorkerInit } from './protocol.js';
 import { StageExecutor } from './stage-executor.js';
 
@@ -50,31 +51,12 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
 
 /** The stage's ORT session on its device; a device that cannot be opened is an error saying what to install. */
 async function createSession(onnxPath: string, init: WorkerInit): Promise<ort.InferenceSession> {
-  const device = init.device ?? 'cpu';
-  const options: ort.InferenceSession.SessionOptions = {
-    executionProviders: [device],
+  return createDeviceSession(onnxPath, init.device ?? 'cpu', {
     intraOpNumThreads: init.threads ?? availableParallelism(),
     interOpNumThreads: 1,
     graphOptimizationLevel: 'all',
     ...(init.spin === false ? { extra: { session: { intra_op: { allow_spinning: '0' } } } } : {}),
-  };
-  try {
-    return await ort.InferenceSession.create(onnxPath, options);
-  } catch (err) {
-    if (device === 'cpu') throw err;
-    if (device === 'cuda')
-      throw new Error(
-        `device cuda: onnxruntime could not open it (${(err as Error).message}). onnxruntime-node's CUDA provider ` +
-          'libraries are not part of the npm package (its install script downloads them, which this project skips ' +
-          'so that installs work offline): install them as docs/gpu.md says, or use --device webgpu',
-      );
-    throw new Error(
-      `device ${device}: onnxruntime could not open it (${(err as Error).message}). The webgpu device needs a Vulkan ` +
-        "driver: the GPU vendor's (NVIDIA: a driver with Vulkan, and in containers NVIDIA_DRIVER_CAPABILITIES with " +
-        '"graphics"), or Mesa\'s software device (Debian: mesa-vulkan-drivers ≥ 24 from bookworm-backports, with ' +
-        'libvulkan1); `vulkaninfo --summary` should list a device (docs/gpu.md)',
-    );
-  }
+  });
 }
 
 /** The output's buffers, each once (ORT's outputs own theirs), so the reply moves them instead of copying. */

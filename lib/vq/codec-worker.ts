@@ -2,9 +2,11 @@
 // caller's event loop. Messages: see codec.ts (WorkerRequest / WorkerReply).
 import { parentPort, workerData } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
+import { createDeviceSession } from '../runtime/device-session.js';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './codec.js';
 import { decoderGraphPath } from './decoder-graph.js';
 import { encoderGraphPath } from './encoder-graph.js';
+import { graphFormFor } from './graph-blocks.js';
 import { Codebook } from './quantize.js';
 import { VqWeights } from './weights.js';
 
@@ -21,8 +23,9 @@ async function main(): Promise<void> {
     let encPath: string;
     let decPath: string;
     try {
-      encPath = encoderGraphPath(w, init.cacheDir, log);
-      decPath = decoderGraphPath(w, init.cacheDir, log);
+      const form = graphFormFor(init.device);
+      encPath = encoderGraphPath(w, init.cacheDir, log, form);
+      decPath = decoderGraphPath(w, init.cacheDir, log, form);
       codebook = new Codebook(w.codebook(), w.config.codebookSize, w.config.embedDim);
     } finally {
       w.close();
@@ -39,14 +42,16 @@ async function main(): Promise<void> {
     // - executionMode 'sequential': 'parallel' was about 2× slower and held 1.1 GB more (tiny).
     // - graphOptimizationLevel: 'all' for the encoder; 'extended' for the decoder, whose NCHWc layouts under 'all'
     //   peak at 7.8 GB instead of 4.1 GB (real-shaped, 512×512) for no gain in time.
+    // On webgpu the same options apply to what ORT keeps on the CPU side; the graphs are built shape-free there
+    // (graph-blocks.ts VqGraphForm), so every node runs on the device.
     const opts = (level: 'all' | 'extended'): ort.InferenceSession.SessionOptions => ({
       graphOptimizationLevel: level,
       executionMode: 'sequential',
       enableCpuMemArena: false,
       ...(init.threads > 0 ? { intraOpNumThreads: init.threads } : {}),
     });
-    encoder = await ort.InferenceSession.create(encPath, opts('all'));
-    decoder = await ort.InferenceSession.create(decPath, opts('extended'));
+    encoder = await createDeviceSession(encPath, init.device, opts('all'));
+    decoder = await createDeviceSession(decPath, init.device, opts('extended'));
   } catch (e) {
     port.postMessage({ type: 'ready', error: (e as Error).message } satisfies WorkerReply);
     return;

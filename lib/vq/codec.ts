@@ -3,6 +3,7 @@
 //   decode(codes Int32Array [h·w] row-major, h, w) → Float32Array [3, 8h, 8w], the raw decoder output (≈[−1, 1])
 // One codec = one worker = one encoder and one decoder session; requests run one at a time in arrival order.
 import { Worker } from 'node:worker_threads';
+import type { Device } from '../onnx/stage-graph.js';
 import { loadVqConfig, spatialFactor, type VqConfig } from './config.js';
 import { defaultCacheDir } from './graph-cache.js';
 
@@ -16,6 +17,8 @@ export interface VqCodecOptions {
   cacheDir?: string;
   /** ORT intra-op threads per session (0 = ORT's default: all cores). */
   threads?: number;
+  /** Where ORT runs both graphs (default cpu; docs/gpu.md). */
+  device?: Device;
   log?: (msg: string) => void;
 }
 
@@ -23,6 +26,7 @@ export interface WorkerInit {
   vqDir: string;
   cacheDir: string;
   threads: number;
+  device: Device;
 }
 
 export type WorkerRequest =
@@ -52,6 +56,8 @@ export class VqCodec {
     private readonly worker: Worker,
     readonly config: VqConfig,
     readonly vqDir: string,
+    /** Where ORT runs this codec's graphs. */
+    readonly device: Device,
   ) {
     worker.on('message', (msg: WorkerReply) => this.onReply(msg));
     worker.on('error', (e) => this.fail(new Error(`VQ ${vqDir}: worker crashed: ${e.message}`)));
@@ -63,7 +69,12 @@ export class VqCodec {
   /** Reads DIR/config.json, builds or reuses the cached graphs, and starts the worker's ORT sessions. */
   static async open(vqDir: string, opts: VqCodecOptions = {}): Promise<VqCodec> {
     const config = loadVqConfig(vqDir);
-    const init: WorkerInit = { vqDir, cacheDir: opts.cacheDir ?? defaultCacheDir(vqDir), threads: opts.threads ?? 0 };
+    const init: WorkerInit = {
+      vqDir,
+      cacheDir: opts.cacheDir ?? defaultCacheDir(vqDir),
+      threads: opts.threads ?? 0,
+      device: opts.device ?? 'cpu',
+    };
     const worker = new Worker(new URL('./codec-worker.js', import.meta.url), { workerData: init });
     await new Promise<void>((resolve, reject) => {
       const onMessage = (msg: WorkerReply) => {
@@ -80,7 +91,7 @@ export class VqCodec {
       worker.on('message', onMessage);
       worker.once('error', onError);
     });
-    return new VqCodec(worker, config, vqDir);
+    return new VqCodec(worker, config, vqDir, init.device);
   }
 
   /** Image side length divisor (8): H and W must be multiples of it. */

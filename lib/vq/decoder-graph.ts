@@ -4,13 +4,13 @@
 // `pixels` [1, out_channels, 8h, 8w], the raw decoder output in ≈[−1, 1].
 import type { GraphBuilder } from '../onnx/graph.js';
 import { levelChannels, temporalStages } from './config.js';
-import { type Norm, VqBlocks } from './graph-blocks.js';
+import { type Norm, VqBlocks, type VqGraphForm } from './graph-blocks.js';
 import { cachedGraph } from './graph-cache.js';
 import type { VqWeights } from './weights.js';
 
-export function buildDecoderGraph(g: GraphBuilder, w: VqWeights): void {
+export function buildDecoderGraph(g: GraphBuilder, w: VqWeights, form: VqGraphForm = 'shaped'): void {
   const cfg = w.config;
-  const b = new VqBlocks(g, w);
+  const b = new VqBlocks(g, w, form);
   const chans = levelChannels(cfg);
   const last = chans.length - 1;
   const zc = cfg.zChannels;
@@ -77,7 +77,12 @@ export function buildDecoderGraph(g: GraphBuilder, w: VqWeights): void {
   g.output(pixels, 'float', [1, cfg.outChannels, 'H', 'W']);
 }
 
-/** Path of the cached decoder graph (built on first use). */
-export function decoderGraphPath(w: VqWeights, cacheDir: string, log?: (msg: string) => void): string {
-  return cachedGraph(w, 'vq-decoder', cacheDir, (g) => buildDecoderGraph(g, w), log);
+/** Path of the cached decoder graph in the given form (built on first use). */
+export function decoderGraphPath(
+  w: VqWeights,
+  cacheDir: string,
+  log?: (msg: string) => void,
+  form: VqGraphForm = 'shaped',
+): string {
+  return cachedGraph(w, 'vq-decoder', form, cacheDir, (g) => buildDecoderGraph(g, w, form), log);
 }

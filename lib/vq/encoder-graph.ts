@@ -4,13 +4,13 @@
 // [h·w, embed_dim] in row-major (y, x) order, ready for the quantizer.
 import type { GraphBuilder } from '../onnx/graph.js';
 import { levelChannels, temporalStages } from './config.js';
-import { type Norm, VqBlocks } from './graph-blocks.js';
+import { type Norm, VqBlocks, type VqGraphForm } from './graph-blocks.js';
 import { cachedGraph } from './graph-cache.js';
 import type { VqWeights } from './weights.js';
 
-export function buildEncoderGraph(g: GraphBuilder, w: VqWeights): void {
+export function buildEncoderGraph(g: GraphBuilder, w: VqWeights, form: VqGraphForm = 'shaped'): void {
   const cfg = w.config;
-  const b = new VqBlocks(g, w);
+  const b = new VqBlocks(g, w, form);
   const norm: Norm = (x, prefix, c) => b.groupNorm(x, prefix, c);
   const chans = levelChannels(cfg);
   const last = chans.length - 1;
@@ -52,7 +52,12 @@ export function buildEncoderGraph(g: GraphBuilder, w: VqWeights): void {
   g.output(latents, 'float', ['hw', cfg.embedDim]);
 }
 
-/** Path of the cached encoder graph (built on first use). */
-export function encoderGraphPath(w: VqWeights, cacheDir: string, log?: (msg: string) => void): string {
-  return cachedGraph(w, 'vq-encoder', cacheDir, (g) => buildEncoderGraph(g, w), log);
+/** Path of the cached encoder graph in the given form (built on first use). */
+export function encoderGraphPath(
+  w: VqWeights,
+  cacheDir: string,
+  log?: (msg: string) => void,
+  form: VqGraphForm = 'shaped',
+): string {
+  return cachedGraph(w, 'vq-encoder', form, cacheDir, (g) => buildEncoderGraph(g, w, form), log);
 }

@@ -1,6 +1,7 @@
 // The VQ building blocks (docs/model.md, "Blocks") as ONNX nodes, shared by the encoder and decoder graphs. Each block
 // reads its parameters by upstream name, so node names follow the checkpoint (`encoder.down.3.attn.0.q`).
 import type { GraphBuilder } from '../onnx/graph.js';
+import type { Device } from '../onnx/stage-graph.js';
 import { GROUP_NORM_GROUPS } from './config.js';
 import { type Affine, type Conv3d, sumTimeSlices, type VqWeights } from './weights.js';
 
@@ -13,10 +14,24 @@ export const CAUSAL_TIME_PAD = 2;
 /** A normalisation applied to a C-channel tensor: GroupNorm in the encoder, SpatialNorm(·, zq) in the decoder. */
 export type Norm = (x: string, prefix: string, channels: number) => string;
 
+/**
+ * Which form of the graph to build. 'shaped' (CPU, CUDA) restores image shapes from Shape(x). 'shape-free' (webgpu)
+ * never reads a shape at run time: ORT's WebGPU provider runs convolutions channels-last, and its layout rewrite turns
+ * every Shape(x) into a Gather over the shape that it places on the CPU (24 nodes in the encoder, 33 in the
+ * decoder); built without Shape, every node of both graphs is on the WebGPU device.
+ */
+export type VqGraphForm = 'shaped' | 'shape-free';
+
+/** The form each device runs. */
+export function graphFormFor(device: Device): VqGraphForm {
+  return device === 'webgpu' ? 'shape-free' : 'shaped';
+}
+
 export class VqBlocks {
   constructor(
     readonly g: GraphBuilder,
     readonly w: VqWeights,
+    readonly form: VqGraphForm = 'shaped',
   ) {}
 
   /** Conv2d with the checkpoint's `${prefix}.weight` [out, in, k, k] and `.bias`. */
@@ -63,16 +78,23 @@ export class VqBlocks {
   groupNorm(x: string, prefix: string, channels: number, paramPrefix = prefix): string {
     const gamma = this.w.read(`${paramPrefix}.weight`, [channels]);
     const beta = this.w.read(`${paramPrefix}.bias`, [channels]);
-    const normed = this.groupNormPlain(x, prefix);
+    const normed = this.groupNormPlain(x, prefix, channels);
     return this.affine(normed, prefix, { scale: gamma, shift: beta });
   }
 
-  /** GroupNorm without its affine part. */
-  groupNormPlain(x: string, prefix: string): string {
+  /**
+   * GroupNorm without its affine part. Shape-free form: [1, C, H, W] → [1, 32, C/32·H, W] keeps W (Reshape's 0), so
+   * the way back [1, C, H, W] needs no Shape(x); the statistics (over all of a group's values) are the same.
+   */
+  groupNormPlain(x: string, prefix: string, channels: number): string {
     const g = this.g;
+    const shapeFree = this.form === 'shape-free';
     const grouped = g.op(
       'Reshape',
-      [x, g.constInt64(`${prefix}.group_shape`, [0, GROUP_NORM_GROUPS, -1])],
+      [
+        x,
+        g.constInt64(`${prefix}.group_shape`, shapeFree ? [0, GROUP_NORM_GROUPS, -1, 0] : [0, GROUP_NORM_GROUPS, -1]),
+      ],
       `${prefix}.grouped`,
     );
     const ones = g.constFloat(`${prefix}.ones`, new Array(GROUP_NORM_GROUPS).fill(1));
@@ -80,7 +102,10 @@ export class VqBlocks {
     const normed = g.op('InstanceNormalization', [grouped, ones, zeros], `${prefix}.group_normed`, {
       epsilon: { float: GROUP_NORM_EPS },
     });
-    return g.op('Reshape', [normed, g.op('Shape', [x], `${prefix}.shape`)], `${prefix}.normed`);
+    const back = shapeFree
+      ? g.constInt64(`${prefix}.image_shape`, [0, channels, -1, 0])
+      : g.op('Shape', [x], `${prefix}.shape`);
+    return g.op('Reshape', [normed, back], `${prefix}.normed`);
   }
 
   /** y = x·scale[c] + shift[c] over [1, C, H, W]. */
@@ -104,6 +129,7 @@ export class VqBlocks {
   attention(x: string, prefix: string, channels: number, norm: Norm): string {
     const g = this.g;
     const n = norm(x, `${prefix}.norm`, channels);
+    if (this.form === 'shape-free') return this.attentionShapeFree(x, n, prefix, channels);
     const flat = g.constInt64(`${prefix}.flat_shape`, [0, channels, -1]);
     const project = (which: string) =>
       g.op('Reshape', [this.conv(n, `${prefix}.${which}`, channels, channels, 1), flat], `${prefix}.${which}.flat`);
@@ -119,6 +145,30 @@ export class VqBlocks {
     const oT = g.op('MatMul', [probs, vT], `${prefix}.oT`);
     const o = g.op('Transpose', [oT], `${prefix}.o`, { perm: [0, 2, 1] });
     const oImage = g.op('Reshape', [o, g.op('Shape', [x], `${prefix}.x_shape`)], `${prefix}.o_image`);
+    const proj = this.conv(oImage, `${prefix}.proj_out`, channels, channels, 1);
+    return g.op('Add', [x, proj], `${prefix}.out`);
+  }
+
+  /**
+   * The same attention without reading a shape: q stays an image, qᵀ [1, H, W, C] times k [1, C, H·W] broadcasts to
+   * scores [1, H, W, H·W], and probs times vᵀ [1, H·W, C] is [1, H, W, C], transposed back to [1, C, H, W].
+   */
+  private attentionShapeFree(x: string, n: string, prefix: string, channels: number): string {
+    const g = this.g;
+    const flat = g.constInt64(`${prefix}.flat_shape`, [0, channels, -1]);
+    const project = (which: string) => this.conv(n, `${prefix}.${which}`, channels, channels, 1);
+    const flatten = (which: string) => g.op('Reshape', [project(which), flat], `${prefix}.${which}.flat`);
+    const qScaled = g.op(
+      'Mul',
+      [project('q'), g.constFloat(`${prefix}.inv_sqrt_c`, [1 / Math.sqrt(channels)], [])],
+      `${prefix}.q.scaled`,
+    );
+    const qT = g.op('Transpose', [qScaled], `${prefix}.qT`, { perm: [0, 2, 3, 1] });
+    const scores = g.op('MatMul', [qT, flatten('k')], `${prefix}.scores`);
+    const probs = g.op('Softmax', [scores], `${prefix}.probs`, { axis: -1 });
+    const vT = g.op('Transpose', [flatten('v')], `${prefix}.vT`, { perm: [0, 2, 1] });
+    const oT = g.op('MatMul', [probs, vT], `${prefix}.oT`);
+    const oImage = g.op('Transpose', [oT], `${prefix}.o_image`, { perm: [0, 3, 1, 2] });
     const proj = this.conv(oImage, `${prefix}.proj_out`, channels, channels, 1);
     return g.op('Add', [x, proj], `${prefix}.out`);
   }

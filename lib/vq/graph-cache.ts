@@ -1,10 +1,12 @@
 // Graph cache: a built graph (`<kind>.onnx` + `<kind>.weights`) lives in a directory keyed by the VQ weights'
-// fingerprint, the graph kind and its input size ("dynamic" here: one graph serves every H×W). Built into a
+// fingerprint, the graph kind, its input size ("dynamic" here: one graph serves every H×W) and its form (the
+// shape-free form built for webgpu gets "-shape-free"; the shaped form's key is what it was before forms existed). Built into a
 // temporary directory and renamed into place, so concurrent builders never see a half-written graph.
 import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { GraphBuilder } from '../onnx/graph.js';
 import { resolveCacheDir } from '../onnx/graph-cache.js';
+import type { VqGraphForm } from './graph-blocks.js';
 import type { VqWeights } from './weights.js';
 
 export type VqGraphKind = 'vq-encoder' | 'vq-decoder';
@@ -21,11 +23,13 @@ export function defaultCacheDir(vqDir: string): string {
 export function cachedGraph(
   weights: VqWeights,
   kind: VqGraphKind,
+  form: VqGraphForm,
   cacheDir: string,
   build: (g: GraphBuilder) => void,
   log?: (msg: string) => void,
 ): string {
-  const key = `${kind}-${weights.fingerprint().slice(0, 24)}-dynamic-v${GRAPH_VERSION}`;
+  const variant = form === 'shaped' ? '' : `-${form}`;
+  const key = `${kind}-${weights.fingerprint().slice(0, 24)}-dynamic${variant}-v${GRAPH_VERSION}`;
   const dir = join(cacheDir, key);
   const onnx = join(dir, `${kind}.onnx`);
   if (existsSync(onnx)) {

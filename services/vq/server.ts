@@ -1,6 +1,7 @@
 // The vq service process: load the VQ directory, start `workers` codecs (one ORT worker thread each), put them behind
 // a bounded queue, serve VqService + grpc.health.v1 until SIGTERM/SIGINT, then drain and stop the workers.
 import { availableParallelism } from 'node:os';
+import type { Device } from '../../lib/onnx/stage-graph.js';
 import { type InternalSecurity, internalServe, warnIfOpen } from '../../lib/rpc/internal-security.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { serviceDefinition } from '../../lib/rpc/proto.js';
@@ -26,6 +27,8 @@ export interface VqServerOptions {
   workers?: number;
   /** ORT intra-op threads per codec. Default: the machine's cores shared among the workers. */
   threads?: number;
+  /** Where ORT runs the encoder and decoder. Default cpu. */
+  device?: Device;
   /** Where built graphs are cached. Default: lib/vq/graph-cache.ts defaultCacheDir. */
   cacheDir?: string;
   /** Largest request message, bytes. Default 64 MiB. */
@@ -45,7 +48,8 @@ export async function startVqServer(opts: VqServerOptions): Promise<RunningServe
   const info = loadVqModelInfo(opts.vqDir, opts.pixelLimit ?? DEFAULT_MAX_INPUT_PIXELS);
   const threads = opts.threads ?? Math.max(1, Math.floor(availableParallelism() / workers));
   const maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
-  log.info('loading VQ', { dir: opts.vqDir, fingerprint: info.fingerprint.slice(0, 16), workers, threads });
+  const device = opts.device ?? 'cpu';
+  log.info('loading VQ', { dir: opts.vqDir, fingerprint: info.fingerprint.slice(0, 16), workers, threads, device });
   const started = performance.now();
   const codecs: VqCodec[] = [];
   try {
@@ -55,6 +59,7 @@ export async function startVqServer(opts: VqServerOptions): Promise<RunningServe
         await VqCodec.open(opts.vqDir, {
           cacheDir: opts.cacheDir,
           threads,
+          device,
           log: (msg) => log.info('codec', { worker: i, detail: msg }),
         }),
       );
@@ -63,7 +68,7 @@ export async function startVqServer(opts: VqServerOptions): Promise<RunningServe
     await Promise.all(codecs.map((c) => c.close()));
     throw err;
   }
-  log.info('VQ ready', { ms: Math.round(performance.now() - started), codebookSize: info.codebookSize });
+  log.info('VQ ready', { ms: Math.round(performance.now() - started), codebookSize: info.codebookSize, device });
   const pool = new WorkerPool(codecs, opts.queueLimit ?? DEFAULT_QUEUE_LIMIT, 'vq');
   vqTelemetry().watchPool(pool);
   warnIfOpen(opts.security, log);
@@ -79,7 +84,7 @@ export async function startVqServer(opts: VqServerOptions): Promise<RunningServe
         {
           name: VQ_SERVICE,
           definition: serviceDefinition(VQ_PROTO, VQ_SERVICE),
-          implementation: vqServiceImplementation({ info, pool, maxMessageBytes, log }),
+          implementation: vqServiceImplementation({ info, pool, maxMessageBytes, device, log }),
         },
       ],
       onClose: async () => {

@@ -23,6 +23,8 @@ export interface VqServiceDeps {
   info: VqModelInfo;
   pool: WorkerPool<VqCodec>;
   maxMessageBytes: number;
+  /** Where the codecs run their graphs (cpu, webgpu, cuda). */
+  device: string;
   log: Logger;
 }
 
@@ -118,6 +120,7 @@ export function vqServiceImplementation(deps: VqServiceDeps): grpc.UntypedServic
           workers: pool.size,
           fingerprint: info.fingerprint,
           max_message_bytes: deps.maxMessageBytes,
+          device: deps.device,
         }),
       ),
     },

@@ -170,6 +170,7 @@ test('health is SERVING and Info states the limits the service was started with'
       workers: 1,
       fingerprint: undefined,
       max_message_bytes: MAX_MESSAGE_BYTES,
+      device: 'cpu',
     },
   );
   assert.match(String(info.fingerprint), /^[0-9a-f]{64}$/);

@@ -252,6 +252,10 @@ test('up: every flag is checked before anything starts', () => {
     assert.equal(ok.generateModel, false);
     assert.deepEqual(ok.restart, DEFAULT_RESTART_POLICY);
     assert.equal(ok.drainTimeoutMs, 30_000);
+    assert.deepEqual(ok.vqArgs, []);
+    const gpu = up(['--device', 'webgpu', '--shard-arg=--max-slots=8']);
+    assert.deepEqual(gpu.vqArgs, ['--device', 'webgpu']);
+    assert.deepEqual(gpu.shardArgs, ['--device', 'webgpu', '--max-slots=8']);
     const refused: [string[], RegExp][] = [
       [
         ['--listen', '127.0.0.1:99999'],

@@ -10,6 +10,7 @@ import * as ort from 'onnxruntime-node';
 import { Rng } from '../../lib/util/rng.js';
 import { VqCodec, VqInputError } from '../../lib/vq/codec.js';
 import { parseVqConfig } from '../../lib/vq/config.js';
+import { decoderGraphPath } from '../../lib/vq/decoder-graph.js';
 import { encoderGraphPath } from '../../lib/vq/encoder-graph.js';
 import { vqParamSpecs } from '../../lib/vq/params.js';
 import { Codebook } from '../../lib/vq/quantize.js';
@@ -94,6 +95,36 @@ describe('VQ graphs match the float64 full 4-frame reference (tiny VQ, 64×48 im
     }
     assert.ok(maxDiff <= 1, `max pixel difference ${maxDiff}`);
     assert.ok(saturated < got.length / 10, `${saturated} of ${got.length} reference pixels saturate: weak check`);
+  });
+
+  it('the shape-free form (built for webgpu) matches the reference too, run on the CPU', async () => {
+    const w = VqWeights.open(vqDir);
+    const encPath = encoderGraphPath(w, cacheDir, undefined, 'shape-free');
+    const decPath = decoderGraphPath(w, cacheDir, undefined, 'shape-free');
+    const embedding = w.codebook();
+    const shapedPath = encoderGraphPath(w, cacheDir);
+    w.close();
+    assert.notEqual(encPath, shapedPath, 'cached under a key of its own');
+    const enc = await ort.InferenceSession.create(encPath);
+    const latents = (await enc.run({ pixels: new ort.Tensor('float32', pixels, [1, 3, H, W]) })).latents
+      .data as Float32Array;
+    await enc.release();
+    const n = (H / 8) * (W / 8);
+    let maxDiff = 0;
+    for (let i = 0; i < n; i++) {
+      for (let c = 0; c < 4; c++) maxDiff = Math.max(maxDiff, Math.abs(latents[i * 4 + c] - refLatents.d[c * n + i]));
+    }
+    assert.ok(maxDiff < 1e-4, `max |latent − reference| = ${maxDiff}`);
+    const cb = new Codebook(embedding, 32768, 4);
+    const quant = cb.lookupChannelsFirst(refCodes.codes);
+    const dec = await ort.InferenceSession.create(decPath);
+    const got = (await dec.run({ quant: new ort.Tensor('float32', quant, [1, 4, H / 8, W / 8]) })).pixels
+      .data as Float32Array;
+    await dec.release();
+    const want = ref.decode(refCodes.codes, H / 8, W / 8);
+    let maxPixel = 0;
+    for (let i = 0; i < got.length; i++) maxPixel = Math.max(maxPixel, Math.abs(toU8(got[i]) - toU8(want.d[i])));
+    assert.ok(maxPixel <= 1, `max pixel difference ${maxPixel}`);
   });
 
   it('refuses bad sizes and codes outside the codebook with VqInputError', async () => {
