@@ -10,7 +10,7 @@
 // is loaded from --llama-dir, installed there once with INSTALL_COMMAND below.
 // Usage: node dist/bench/llama-cpp.js [--dir DIR] [--llama-dir DIR] [--runs N] [--threads N] [--no-write]
 import { existsSync, statSync } from 'node:fs';
-import { homedir, loadavg, tmpdir } from 'node:os';
+import { cpus, homedir, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { EMU3_VOCAB_SIZE, writeTinyEmu3 } from '../lib/model/tiny.js';
@@ -256,7 +256,10 @@ async function main(): Promise<void> {
     logLevel: 'debug',
     logger: (level, message) => logs.push(`[${level}] ${message.trimEnd()}`),
   });
-  const backend = logs.filter((l) => /load_backend/.test(l)).map((l) => l.replace(/^\[\w+\] /, ''));
+  // "load_backend: loaded CPU backend from …/libggml-cpu-zen4.so": the file name is the CPU variant.
+  const backend = logs
+    .filter((l) => /load_backend/.test(l))
+    .map((l) => l.replace(/^\[\w+\] /, '').replace(/ from \S*\/([^/]+)$/, ' $1'));
   console.error(`llama.cpp ${llama.llamaCppRelease.release} (${llama.buildType}); ${backend.join('; ')}`);
   const systemInfo = llama.systemInfo.trim();
   const release = llama.llamaCppRelease.release;
@@ -296,11 +299,11 @@ async function main(): Promise<void> {
     'warm-ups. Random token ids, fixed seed. Compare with the `small` rows of the Stage section (same weights;',
     "our prefill there runs in chunks of 512). Each cell: median (fastest run): llama.cpp's threads wait for each other",
     'at every op, so on this shared 2-core machine one descheduled thread stalls the step; the fastest run is the',
-    'least disturbed one.',
+    'least disturbed one. lm_head (184,622 rows, not a multiple of 8) is the one Q4_0 weight llama.cpp does not repack.',
     '',
     ...table,
     '',
-    `llama.cpp ${release} (node-llama-cpp's release tag): ${backend.join('; ')}.`,
+    `CPU: ${cpus()[0]?.model ?? 'unknown'}. llama.cpp ${release} (node-llama-cpp's release tag): ${backend.join('; ')}.`,
     `Attention: ${flash.join('; ') || 'llama.cpp logged nothing about flash attention'}.`,
     `System info: \`${systemInfo}\`.`,
     ...rows.map((r) => `llama.cpp's log on loading the ${r.precision.toUpperCase()} GGUF: ${r.buffers.join('; ')}.`),
