@@ -1,8 +1,11 @@
-// llama.cpp on our weights, for side-by-side reading with bench/stage.ts: the `small` preset (the same generated
-// checkpoint the stage bench uses) converted to GGUF (bench/gguf.ts) as F32 and as Q4_0, then prefill tokens/s (one
-// evaluation of a whole 128- or 2048-token prompt in a fresh context) and batch-1 decode tokens/s at context 128 and
-// 2048, through node-llama-cpp's prebuilt CPU binary. Token ids are fed directly (random, fixed seed); every timed
-// evaluation ends with logits for its last token and a greedy pick, as a served request would.
+// llama.cpp and our stage on the same weights, side by side in one run: the `small` preset (the same generated
+// checkpoint the stage bench uses) converted to GGUF (bench/gguf.ts) as F32 and as Q4_0, through node-llama-cpp's
+// prebuilt CPU binary, against our stage (all 12 layers as one StageRuntime) in fp32 and int4 (with and without its
+// int8 prefill path). Figures: prefill tokens/s (a whole 128- or 2048-token prompt in a fresh context / slot; ours in
+// runs of 512, llama.cpp's default micro-batch) and batch-1 decode tokens/s at context 128 and 2048. The engines take
+// turns run by run, so that load on this shared machine falls on all of them alike; the table gives ours ÷ theirs.
+// Token ids are fed directly (random, fixed seed); every timed evaluation ends with logits for its last token and a
+// greedy pick, as a served request would.
 // Before timing, a correctness check: on the `tiny` preset, llama.cpp's greedy continuation of the F32 GGUF must equal
 // the float64 reference's (test/reference/emu3-f64.ts), so the GGUF is the same function as the checkpoint.
 //
@@ -14,8 +17,10 @@ import { cpus, homedir, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { EMU3_VOCAB_SIZE, writeTinyEmu3 } from '../lib/model/tiny.js';
+import type { Precision } from '../lib/onnx/stage-graph.js';
+import { StageRuntime } from '../lib/runtime/stage-runtime.js';
 import { Rng } from '../lib/util/rng.js';
-import { Emu3Reference } from '../test/reference/emu3-f64.js';
+import { argmax, Emu3Reference } from '../test/reference/emu3-f64.js';
 import { convertCheckpointToGguf, type GgufPrecision } from './gguf.js';
 import { median, writeBenchSection } from './report.js';
 
@@ -56,6 +61,8 @@ const llamaDir = flag('llama-dir') ?? DEFAULT_LLAMA_DIR;
 const RUNS = positiveInt('runs', 5);
 const THREADS = positiveInt('threads', 2);
 const CTX = [128, 2048];
+/** Timed decode steps per figure: single steps are short, so more of them than prefill runs. */
+const DECODE_STEPS = 4 * RUNS;
 const VOCAB_CHECK_STEPS = 8;
 
 // The few parts of node-llama-cpp's API this bench uses (it is not installed as a dependency, so no types).
@@ -188,8 +195,111 @@ interface Rate {
   best: number;
 }
 
+/**
+ * One engine under test: llama.cpp on a GGUF, or our stage (the whole `small` model as one StageRuntime). Each
+ * method times one thing and returns seconds, so that the engines can take turns run by run and see the same load.
+ */
+interface Engine {
+  name: string;
+  /** Evaluates an n-token prompt from position 0 in a fresh context / slot; returns its seconds. */
+  prefill(tokens: number[]): Promise<number>;
+  /** Fills the context / slot with n tokens; later decodeStep calls continue it. */
+  fill(tokens: number[]): Promise<void>;
+  decodeStep(token: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+async function llamaEngine(llama: Llama, dir: string, precision: GgufPrecision): Promise<Engine & { row: Row }> {
+  const path = ensureGguf(dir, precision);
+  const logStart = logs.length;
+  const model = await llama.loadModel({ modelPath: path, gpuLayers: 0 });
+  const buffers = summariseLoadLog(logs.slice(logStart));
+  for (const line of buffers) console.error(`  llama.cpp (${precision}): ${line}`);
+  let decodeCtx: Context | undefined;
+  let seq: Sequence | undefined;
+  const name = `llama.cpp ${precision === 'f32' ? 'F32' : 'Q4_0'}`;
+  return {
+    name,
+    row: { name, fileMiB: statSync(path).size / 2 ** 20, prefill: {}, decode: {}, buffers },
+    async prefill(tokens) {
+      const ctx = await newContext(model, tokens.length, tokens.length);
+      const t0 = performance.now();
+      await evaluate(ctx.getSequence(), tokens);
+      const s = (performance.now() - t0) / 1000;
+      await ctx.dispose();
+      return s;
+    },
+    async fill(tokens) {
+      await decodeCtx?.dispose();
+      decodeCtx = await newContext(model, tokens.length + DECODE_STEPS + 8, tokens.length);
+      seq = decodeCtx.getSequence();
+      await evaluate(seq, tokens);
+    },
+    async decodeStep(token) {
+      if (!seq) throw new Error('decodeStep before fill');
+      const t0 = performance.now();
+      await evaluate(seq, [token]);
+      return (performance.now() - t0) / 1000;
+    },
+    async close() {
+      await decodeCtx?.dispose();
+      await model.dispose();
+    },
+  };
+}
+
+/** Our stage on the same checkpoint: one StageRuntime with all layers, prefill in runs of 512 (llama.cpp's ubatch). */
+async function ourEngine(dir: string, precision: Precision, int8Prefill: boolean): Promise<Engine & { row: Row }> {
+  const rt = await StageRuntime.open({
+    modelDir: dir,
+    layers: [0, 12],
+    precision,
+    int8Prefill,
+    maxSequences: 2,
+    maxSequenceLength: Math.max(...CTX) + DECODE_STEPS + 8,
+    threads: THREADS,
+    cacheDir: join(benchDir, `cache-0-12-${precision}${int8Prefill ? '' : '-no-int8'}`),
+    log: console.error,
+  });
+  const CHUNK = 512;
+  const run = async (slot: number, start: number, tokens: number[]) => {
+    for (let at = 0; at < tokens.length; at += CHUNK) {
+      const part = tokens.slice(at, at + CHUNK);
+      const out = await rt.forward([{ slot, start: start + at, length: part.length }], {
+        tokens: Int32Array.from(part),
+      });
+      if (at + CHUNK >= tokens.length) {
+        if (!('logits' in out)) throw new Error('not the last stage');
+        argmax(out.logits); // the greedy pick, as llama.cpp's evaluation makes one
+      }
+    }
+  };
+  let position = 0;
+  const name =
+    precision === 'fp32' ? 'emu3-serve fp32' : int8Prefill ? 'emu3-serve int4' : 'emu3-serve int4, no int8 path';
+  return {
+    name,
+    row: { name, fileMiB: rt.weightBytes / 2 ** 20, prefill: {}, decode: {}, buffers: [] },
+    async prefill(tokens) {
+      const t0 = performance.now();
+      await run(0, 0, tokens);
+      return (performance.now() - t0) / 1000;
+    },
+    async fill(tokens) {
+      await run(1, 0, tokens);
+      position = tokens.length;
+    },
+    async decodeStep(token) {
+      const t0 = performance.now();
+      await run(1, position++, [token]);
+      return (performance.now() - t0) / 1000;
+    },
+    close: () => rt.close(),
+  };
+}
+
 interface Row {
-  precision: GgufPrecision;
+  name: string;
   fileMiB: number;
   /** tokens/s: median and fastest run (other processes on this shared machine only ever add time). */
   prefill: Record<number, Rate>;
@@ -198,48 +308,45 @@ interface Row {
   buffers: string[];
 }
 
-async function benchPrecision(llama: Llama, dir: string, precision: GgufPrecision, vocab: number): Promise<Row> {
-  const path = ensureGguf(dir, precision);
-  const logStart = logs.length;
-  const model = await llama.loadModel({ modelPath: path, gpuLayers: 0 });
-  const buffers = summariseLoadLog(logs.slice(logStart));
-  for (const line of buffers) console.error(`  llama.cpp (${precision}): ${line}`);
+const rate = (rates: number[]): Rate => ({ median: median(rates), best: Math.max(...rates) });
+
+/**
+ * Every figure for every engine, the engines taking turns within each run (A B C, A B C, …) so that load on this
+ * shared machine falls on all of them alike; the first turn of each figure is a warm-up.
+ */
+async function measure(engines: (Engine & { row: Row })[], vocab: number): Promise<void> {
   const rng = new Rng(9);
   const ids = (n: number) => Array.from({ length: n }, () => rng.nextU32() % vocab);
-  const prefill: Record<number, Rate> = {};
-  const decode: Record<number, Rate> = {};
   for (const n of CTX) {
-    // A fresh context per run; one warm-up run first (it also pages the mapped weights in).
-    const rates: number[] = [];
+    const rates = engines.map(() => [] as number[]);
     for (let i = 0; i < RUNS + 1; i++) {
-      const ctx = await newContext(model, n, n);
       const prompt = ids(n);
-      const t0 = performance.now();
-      await evaluate(ctx.getSequence(), prompt);
-      if (i > 0) rates.push(n / ((performance.now() - t0) / 1000));
-      await ctx.dispose();
+      for (const [e, engine] of engines.entries()) {
+        const s = await engine.prefill(prompt);
+        if (i > 0) rates[e].push(n / s);
+      }
     }
-    prefill[n] = { median: median(rates), best: Math.max(...rates) };
-    console.error(`${precision} prefill ${n}: ${fmtRate(prefill[n], 1)} tok/s`);
+    for (const [e, engine] of engines.entries()) {
+      engine.row.prefill[n] = rate(rates[e]);
+      console.error(`${engine.name} prefill ${n}: ${fmtRate(engine.row.prefill[n], 1)} tok/s`);
+    }
   }
   for (const n of CTX) {
-    // Fill the context to n, then time single-token steps at positions n, n+1, … (two warm-up steps first).
-    const ctx = await newContext(model, n + RUNS + 8, n);
-    const seq = ctx.getSequence();
-    await evaluate(seq, ids(n));
-    const times: number[] = [];
-    for (let i = 0; i < RUNS + 2; i++) {
+    const prompt = ids(n);
+    for (const engine of engines) await engine.fill(prompt);
+    const times = engines.map(() => [] as number[]);
+    for (let i = 0; i < DECODE_STEPS + 2; i++) {
       const [token] = ids(1);
-      const t0 = performance.now();
-      await evaluate(seq, [token]);
-      if (i >= 2) times.push((performance.now() - t0) / 1000);
+      for (const [e, engine] of engines.entries()) {
+        const s = await engine.decodeStep(token);
+        if (i >= 2) times[e].push(s);
+      }
     }
-    await ctx.dispose();
-    decode[n] = { median: 1 / median(times), best: 1 / Math.min(...times) };
-    console.error(`${precision} decode ctx ${n}: ${fmtRate(decode[n], 2)} tok/s`);
+    for (const [e, engine] of engines.entries()) {
+      engine.row.decode[n] = { median: 1 / median(times[e]), best: 1 / Math.min(...times[e]) };
+      console.error(`${engine.name} decode ctx ${n}: ${fmtRate(engine.row.decode[n], 2)} tok/s`);
+    }
   }
-  await model.dispose();
-  return { precision, fileMiB: statSync(path).size / 2 ** 20, prefill, decode, buffers };
 }
 
 async function main(): Promise<void> {
@@ -269,23 +376,50 @@ async function main(): Promise<void> {
 
   const dir = ensureModel('small');
   const vocab = EMU3_VOCAB_SIZE;
+  // llama.cpp Q4_0 and our int4 (with and without its int8 prefill path) take turns; then F32 against our fp32.
+  const groups = [
+    [await llamaEngine(llama, dir, 'q4_0'), await ourEngine(dir, 'int4', true), await ourEngine(dir, 'int4', false)],
+    [await llamaEngine(llama, dir, 'f32'), await ourEngine(dir, 'fp32', true)],
+  ];
   const rows: Row[] = [];
-  for (const precision of ['f32', 'q4_0'] as GgufPrecision[])
-    rows.push(await benchPrecision(llama, dir, precision, vocab));
+  for (const engines of groups) {
+    await measure(engines, vocab);
+    for (const engine of engines) {
+      rows.push(engine.row);
+      await engine.close();
+    }
+  }
   await llama.dispose();
   const flash = [
     ...new Set(logs.filter((l) => /Flash Attention|flash_attn\s*=/.test(l)).map((l) => l.replace(/^\[\w+\] /, ''))),
   ];
 
+  const ratio = (r: Row, of: Row, pick: (x: Row) => Rate) => (pick(r).median / pick(of).median).toFixed(2);
+  const figures: [string, (r: Row) => Rate][] = [
+    ['prefill tok/s (128)', (r) => r.prefill[128]],
+    ['prefill tok/s (2048)', (r) => r.prefill[2048]],
+    ['decode tok/s b1 ctx128', (r) => r.decode[128]],
+    ['decode tok/s b1 ctx2048', (r) => r.decode[2048]],
+  ];
   const table = [
-    '| weights | GGUF MiB | prefill tok/s (128) | prefill tok/s (2048) | decode tok/s b1 ctx128 | decode tok/s b1 ctx2048 |',
-    '|---|---|---|---|---|---|',
+    `| engine | weights MiB | ${figures.map(([h]) => h).join(' | ')} |`,
+    `|---|---|${figures.map(() => '---').join('|')}|`,
     ...rows.map(
       (r) =>
-        `| ${r.precision === 'f32' ? 'F32' : 'Q4_0'} | ${r.fileMiB.toFixed(0)} | ${fmtRate(r.prefill[128], 1)} | ` +
-        `${fmtRate(r.prefill[2048], 1)} | ${fmtRate(r.decode[128], 2)} | ${fmtRate(r.decode[2048], 2)} |`,
+        `| ${r.name} | ${r.fileMiB.toFixed(0)} | ${figures.map(([, pick], i) => fmtRate(pick(r), i < 2 ? 1 : 2)).join(' | ')} |`,
     ),
   ];
+  // Ours ÷ llama.cpp, medians of the same turns (engines of one group took turns run by run).
+  const [q4, int4, int4Plain, f32, fp32] = rows;
+  const ratios = [
+    `| ratio (medians) | ${figures.map(([h]) => h).join(' | ')} |`,
+    `|---|${figures.map(() => '---').join('|')}|`,
+    `| emu3-serve int4 ÷ llama.cpp Q4_0 | ${figures.map(([, pick]) => ratio(int4, q4, pick)).join(' | ')} |`,
+    `| emu3-serve int4 without the int8 path ÷ llama.cpp Q4_0 | ${figures.map(([, pick]) => ratio(int4Plain, q4, pick)).join(' | ')} |`,
+    `| emu3-serve int4 ÷ without the int8 path | ${figures.map(([, pick]) => ratio(int4, int4Plain, pick)).join(' | ')} |`,
+    `| emu3-serve fp32 ÷ llama.cpp F32 | ${figures.map(([, pick]) => ratio(fp32, f32, pick)).join(' | ')} |`,
+  ];
+  table.push('', ...ratios);
   console.log(table.join('\n'));
   const command = `npm run bench:llama-cpp -- --runs ${RUNS} --threads ${THREADS}`;
   const body = [
@@ -293,20 +427,22 @@ async function main(): Promise<void> {
     '[--threads N]`; needs node-llama-cpp installed outside the project, see README.md "Benchmarks"). The `small` preset',
     "(the stage bench's checkpoint) converted by bench/gguf.ts to a llama-architecture GGUF: F32, or Q4_0 for every",
     'Linear weight including lm_head (token embedding and norms F32, as in our int4 stage). llama.cpp through',
-    `node-llama-cpp ${NODE_LLAMA_CPP_VERSION}'s prebuilt CPU binary, ${THREADS} threads, its default flash attention.`,
-    `Prefill: one evaluation of the whole prompt (logits for its last token) in a fresh context, median of ${RUNS} runs`,
-    `after a warm-up. Decode: batch 1, one token per step at context 128 / 2048, median of ${RUNS} steps after two`,
-    'warm-ups. Random token ids, fixed seed. Compare with the `small` rows of the Stage section (same weights;',
-    "our prefill there runs in chunks of 512). Each cell: median (fastest run): llama.cpp's threads wait for each other",
-    'at every op, so on this shared 2-core machine one descheduled thread stalls the step; the fastest run is the',
-    'least disturbed one. lm_head (184,622 rows, not a multiple of 8) is the one Q4_0 weight llama.cpp does not repack.',
+    `node-llama-cpp ${NODE_LLAMA_CPP_VERSION}'s prebuilt CPU binary, ${THREADS} threads, its default flash attention; ours: the`,
+    `whole model as one stage (StageRuntime, ${THREADS} ORT threads), prefill in runs of 512 (llama.cpp's default micro-batch).`,
+    `Prefill: the whole prompt (logits for its last token) in a fresh context / from position 0, median of ${RUNS} runs`,
+    `after a warm-up. Decode: batch 1, one token per step at context 128 / 2048, median of ${DECODE_STEPS} steps after two`,
+    'warm-ups. Random token ids, fixed seed. Within each group (Q4_0 with our int4s, F32 with our fp32) the engines',
+    'take turns run by run, so the ratios compare runs made under the same load. Each cell: median (fastest run).',
+    'lm_head (184,622 rows, not a multiple of 8) is the one Q4_0 weight llama.cpp does not repack.',
     '',
     ...table,
     '',
     `CPU: ${cpus()[0]?.model ?? 'unknown'}. llama.cpp ${release} (node-llama-cpp's release tag): ${backend.join('; ')}.`,
     `Attention: ${flash.join('; ') || 'llama.cpp logged nothing about flash attention'}.`,
     `System info: \`${systemInfo}\`.`,
-    ...rows.map((r) => `llama.cpp's log on loading the ${r.precision.toUpperCase()} GGUF: ${r.buffers.join('; ')}.`),
+    ...rows
+      .filter((r) => r.buffers.length > 0)
+      .map((r) => `${r.name}: llama.cpp's log on loading the GGUF: ${r.buffers.join('; ')}.`),
     check,
     `Total bench time ${((performance.now() - started) / 1000).toFixed(0)} s; 1-minute load average at the end:`,
     `${loadavg()[0].toFixed(1)} (this machine has 2 cores, shared).`,
