@@ -27,6 +27,14 @@
 //
 // The KV arena is owned by JS and fed as inputs (ORT wraps inputs without copying); the graph returns only the new
 // positions' post-rotary K and V, which the runtime writes into the arena (docs/architecture.md, "Stage graphs and devices", "KV lifecycle").
+//
+// With `kvOnDevice` (webgpu) the arena lives on the device instead (lib/runtime/device-kv.ts), and the KV inputs and
+// outputs differ: each layer's whole arena is one input, each branch picks its rows by slot and computes its past
+// mask in the graph from the rows' past lengths (so no input grows with the context), and the graph returns the
+// arena with the new positions written (ScatterND), which stays on the device as the next run's input:
+//   layers.N.key_cache / value_cache float [slots, kvHeads, maxLen, headDim] → layers.N.key_cache_out / value_cache_out
+//   kv.write_index int64 [T, kvHeads, 3]: (slot, head, position) of each new token's K and V
+//   per branch, instead of b.past_mask and the past inputs: b.rows int64 [R] (slots), b.row_starts float [R, 1, 1, 1]
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
@@ -73,6 +81,8 @@ export interface StageSpec {
   precision: Precision;
   /** Default cpu. The graph differs per device only where a device lacks a kernel. */
   device?: Device;
+  /** The KV arena as device-resident graph inputs and outputs (see the header); default false (JS-owned arena). */
+  kvOnDevice?: boolean;
 }
 
 export interface StageShape {
@@ -120,6 +130,13 @@ export const io = {
   pastValue: (layer: number, b: Branch) => `layers.${layer}.${b}.past_value`,
   newKey: (layer: number) => `layers.${layer}.new_key`,
   newValue: (layer: number) => `layers.${layer}.new_value`,
+  keyCache: (layer: number) => `layers.${layer}.key_cache`,
+  valueCache: (layer: number) => `layers.${layer}.value_cache`,
+  keyCacheOut: (layer: number) => `layers.${layer}.key_cache_out`,
+  valueCacheOut: (layer: number) => `layers.${layer}.value_cache_out`,
+  kvWriteIndex: 'kv.write_index',
+  branchRows: (b: Branch) => `${b}.rows`,
+  rowStarts: (b: Branch) => `${b}.row_starts`,
 };
 
 const MS = 'com.microsoft';
@@ -133,6 +150,9 @@ interface Ctx {
   positions: string;
   cos: string;
   sin: string;
+  kvOnDevice: boolean;
+  /** 0, 1, … as floats (the device past mask's positions), made on first use. */
+  kvPositions?: string;
   /** Slice constants. */
   zero: string;
   big: string;
@@ -172,11 +192,16 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     'positions',
   );
   g.input(io.tokenRows, 'int64', ['tokens']);
+  const kvOnDevice = spec.kvOnDevice === true;
   for (const b of BRANCHES) {
     g.input(io.branchTokens(b), 'int64', [`${b}_rows`, b === 'decode' ? 1 : 'chunk_len']);
     g.input(io.pastLength(b), 'int64', [1]);
-    g.input(io.pastMask(b), 'float', [`${b}_rows`, 1, 1, `${b}_past_len`]);
+    if (kvOnDevice) {
+      g.input(io.branchRows(b), 'int64', [`${b}_rows`]);
+      g.input(io.rowStarts(b), 'float', [`${b}_rows`, 1, 1, 1]);
+    } else g.input(io.pastMask(b), 'float', [`${b}_rows`, 1, 1, `${b}_past_len`]);
   }
+  if (kvOnDevice) g.input(io.kvWriteIndex, 'int64', ['tokens', c.numKeyValueHeads, 3]);
   g.input(io.causalMask, 'float', [1, 1, 'chunk_group_rows', 'chunk_len']);
   const [cos, sin] = rotaryTables(g, c);
   const ctx: Ctx = {
@@ -187,6 +212,7 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     positions,
     cos,
     sin,
+    kvOnDevice,
     zero: g.constInt64('slice.zero', [0]),
     big: g.constInt64('slice.end', [2 ** 31 - 1]),
     axis2: g.constInt64('slice.axis2', [2]),
@@ -279,9 +305,14 @@ function attention(ctx: Ctx, layer: number, a: string): string {
     g.op('Reshape', [x, g.constInt64(`${name}.shape`, [-1, dim])], name);
   const qRot = flat(rotary(ctx, `${p}.q_rot`, q, c.numAttentionHeads), qDim, `${p}.q_flat`);
   const kRot = flat(rotary(ctx, `${p}.k_rot`, k, c.numKeyValueHeads), kvDim, io.newKey(layer));
-  g.output(kRot, 'float', ['tokens', kvDim]);
   const vNew = flat(v, kvDim, io.newValue(layer));
-  g.output(vNew, 'float', ['tokens', kvDim]);
+  if (ctx.kvOnDevice) {
+    writeCache(ctx, io.keyCache(layer), io.keyCacheOut(layer), kRot);
+    writeCache(ctx, io.valueCache(layer), io.valueCacheOut(layer), vNew);
+  } else {
+    g.output(kRot, 'float', ['tokens', kvDim]);
+    g.output(vNew, 'float', ['tokens', kvDim]);
+  }
   const branchRows = BRANCHES.map((b) => attend(ctx, layer, b, qRot, kRot, vNew));
   const rowsOut = g.op('Concat', branchRows, `${p}.branch_rows`, { axis: 0 });
   const attn = g.op('Gather', [rowsOut, io.tokenRows], `${p}.out`, { axis: 0 });
@@ -324,8 +355,17 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
       [g.input(name, 'float', [`${branch}_rows`, KV, `${branch}_max_len`, d]), ctx.zero, pastLength, ctx.axis2],
       `${name}.used`,
     );
-  const kPast = arena(io.pastKey(layer, branch));
-  const vPast = arena(io.pastValue(layer, branch));
+  // On the device: the used positions of the whole arena, then the branch's rows (slots) among them.
+  const resident = (cache: string) =>
+    g.op(
+      'Gather',
+      [g.op('Slice', [cache, ctx.zero, pastLength, ctx.axis2], `${p}.${cache}.used`), io.branchRows(branch)],
+      `${p}.${cache}.rows`,
+      { axis: 0 },
+    );
+  const kPast = ctx.kvOnDevice ? resident(io.keyCache(layer)) : arena(io.pastKey(layer, branch));
+  const vPast = ctx.kvOnDevice ? resident(io.valueCache(layer)) : arena(io.pastValue(layer, branch));
+  const pastMask = ctx.kvOnDevice ? devicePastMask(ctx, branch) : io.pastMask(branch);
   const scale = 1 / Math.sqrt(d);
   const scores = (x: string, name: string) =>
     ctx.plan.fusedScores
@@ -338,7 +378,7 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
           ],
           `${p}.${name}`,
         );
-  const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask(branch)], `${p}.scores_past_masked`);
+  const sPast = g.op('Add', [scores(kPast, 'scores_past'), pastMask], `${p}.scores_past_masked`);
   // A decode row's one new key is its own position: always visible, no mask.
   const sNew =
     branch === 'decode'
@@ -362,6 +402,40 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
   const o5 = g.op('Reshape', [out, shape('o5_shape', [0, 0, G, -1, d])], `${p}.o5`);
   const oT = g.op('Transpose', [o5], `${p}.o5t`, { perm: [0, 3, 1, 2, 4] });
   return g.op('Reshape', [oT, shape('out_shape', [-1, c.numAttentionHeads * d])], `${p}.out`);
+}
+
+/**
+ * The device arena's input and its updated copy: ScatterND writes each new token's K or V ([T, kvHeads·d] →
+ * [T, kvHeads, d]) at kv.write_index. ORT gives the output a new buffer (it neither updates a graph input in place
+ * nor fills a pre-allocated fetch through the node binding), so the kernel first copies the arena on the device.
+ */
+function writeCache(ctx: Ctx, cache: string, out: string, flatNew: string): void {
+  const { g, c } = ctx;
+  g.input(cache, 'float', ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
+  const updates = g.op(
+    'Reshape',
+    [flatNew, g.constInt64(`${out}.updates_shape`, [-1, c.numKeyValueHeads, c.headDim])],
+    `${out}.updates`,
+  );
+  g.op('ScatterND', [cache, io.kvWriteIndex, updates], out);
+  g.output(out, 'float', ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
+}
+
+/** b.past_mask computed on the device: 0 where position j < the row's past length, −inf elsewhere; [R, 1, 1, P]. */
+function devicePastMask(ctx: Ctx, branch: Branch): string {
+  const { g, c } = ctx;
+  const p = `${branch}.device_mask`;
+  ctx.kvPositions ??= g.constFloat(
+    'kv.positions',
+    Array.from({ length: c.maxPositionEmbeddings }, (_, j) => j),
+  );
+  const used = g.op('Slice', [ctx.kvPositions, ctx.zero, io.pastLength(branch)], `${p}.positions`);
+  const visible = g.op('Less', [used, io.rowStarts(branch)], `${p}.visible`);
+  return g.op(
+    'Where',
+    [visible, g.constFloat(`${p}.zero`, [0], []), g.constFloat(`${p}.ninf`, [Number.NEGATIVE_INFINITY], [])],
+    p,
+  );
 }
 
 /** x·cos + rotate_half(x)·sin with positions per token (NOT interleaved). */

@@ -20,11 +20,23 @@ import {
   type ReadyInfo,
   type Reply,
   type Request,
+  type TransferStats,
   type WorkerInit,
 } from './protocol.js';
 
 export type { SamplingRow } from '../onnx/sampling-head.js';
-export type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
+export type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput, TransferStats } from './protocol.js';
+
+export type KvPlacement = 'host' | 'device';
+
+/** The arena's placement for these options (see StageRuntimeOptions.kv); device needs the webgpu device. */
+export function kvPlacement(opts: Pick<StageRuntimeOptions, 'device' | 'kv'>): KvPlacement {
+  const kv = opts.kv ?? (opts.device === 'webgpu' ? 'device' : 'host');
+  if (kv !== 'host' && kv !== 'device') throw new Error(`kv "${kv}" is not one of host|device`);
+  if (kv === 'device' && opts.device !== 'webgpu')
+    throw new Error(`kv device needs device webgpu (got ${opts.device ?? 'cpu'})`);
+  return kv;
+}
 
 export interface StageRuntimeOptions {
   modelDir: string;
@@ -33,6 +45,11 @@ export interface StageRuntimeOptions {
   precision: Precision;
   /** Where ORT runs the stage (default cpu). */
   device?: Device;
+  /**
+   * Where the KV arena lives: host (JS memory, fed to every run) or device (resident on the webgpu device, only
+   * hidden states and results cross: device-kv.ts). Default: device on webgpu, host otherwise.
+   */
+  kv?: KvPlacement;
   maxSequences: number;
   maxSequenceLength: number;
   cacheDir?: string;
@@ -56,7 +73,7 @@ function movable(input: ForwardInput): { input: ForwardInput; transfer: ArrayBuf
 }
 
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
-type Pending = { resolve: (v: ForwardOutput | undefined) => void; reject: (e: Error) => void };
+type Pending = { resolve: (v: ForwardOutput | TransferStats | undefined) => void; reject: (e: Error) => void };
 
 export class StageRuntime {
   private nextId = 1;
@@ -80,6 +97,7 @@ export class StageRuntime {
     ] as const) {
       if (!Number.isInteger(v) || v < 1) throw new Error(`StageRuntime: ${name} must be an integer ≥ 1, got ${v}`);
     }
+    kvPlacement(opts);
     const { log = () => {}, ...init } = opts;
     const worker = new Worker(new URL('./stage-worker.js', import.meta.url), { workerData: init satisfies WorkerInit });
     return new Promise((resolve, reject) => {
@@ -166,6 +184,11 @@ export class StageRuntime {
     await this.request({ type: 'copyKv', from: fromSlot, to: toSlot, length });
   }
 
+  /** Host memory fed to and returned by the stage's runs so far (and by its last run): protocol.ts TransferStats. */
+  async stats(): Promise<TransferStats> {
+    return (await this.request({ type: 'stats' })) as unknown as TransferStats;
+  }
+
   /** Marks a slot empty (its next use starts at 0). */
   async free(slot: number): Promise<void> {
     await this.request({ type: 'free', slot });
@@ -178,7 +201,10 @@ export class StageRuntime {
     await this.worker.terminate();
   }
 
-  private request(req: WithoutId<Request>, transfer: ArrayBuffer[] = []): Promise<ForwardOutput | undefined> {
+  private request(
+    req: WithoutId<Request>,
+    transfer: ArrayBuffer[] = [],
+  ): Promise<ForwardOutput | TransferStats | undefined> {
     if (this.closed) return Promise.reject(new Error('StageRuntime is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
@@ -193,7 +219,7 @@ export class StageRuntime {
     if (!p) return;
     this.pending.delete(reply.id);
     if (reply.type === 'error') p.reject(new Error(reply.error));
-    else p.resolve(reply.output);
+    else p.resolve(reply.output ?? reply.stats);
   }
 
   private failAll(e: Error): void {

@@ -5,8 +5,11 @@ import { parentPort, workerData } from 'node:worker_threads';
 import ort from 'onnxruntime-node';
 import { Checkpoint } from '../model/checkpoint.js';
 import { ensureStageGraph } from '../onnx/graph-cache.js';
+import { io, type StageShape } from '../onnx/stage-graph.js';
+import { DeviceKv } from './device-kv.js';
 import { type ForwardOutput, postTransferring, type Reply, type Request, type WorkerInit } from './protocol.js';
 import { StageExecutor } from './stage-executor.js';
+import { kvPlacement } from './stage-runtime.js';
 
 const port = parentPort;
 if (!port) throw new Error('stage-worker.js must run in a worker thread');
@@ -16,17 +19,33 @@ const log = (message: string) => post({ type: 'log', message });
 async function open(init: WorkerInit): Promise<StageExecutor> {
   const ckpt = Checkpoint.open(init.modelDir);
   let cached: ReturnType<typeof ensureStageGraph>;
+  const kvOnDevice = kvPlacement(init) === 'device';
   try {
     cached = ensureStageGraph(
       ckpt,
-      { first: init.layers[0], end: init.layers[1], precision: init.precision, device: init.device },
+      { first: init.layers[0], end: init.layers[1], precision: init.precision, device: init.device, kvOnDevice },
       { cacheDir: init.cacheDir, log },
     );
   } finally {
     ckpt.close();
   }
-  const session = await createSession(cached.onnxPath, init);
-  const executor = new StageExecutor(session, cached.shape, init.maxSequences, init.maxSequenceLength);
+  const session = await createSession(cached.onnxPath, init, kvOnDevice ? cached.shape : null);
+  const shape = cached.shape;
+  const deviceKv =
+    kvOnDevice && cached.kvGraphs
+      ? await DeviceKv.create(
+          {
+            layers: shape.layers.length,
+            rows: init.maxSequences,
+            kvHeads: shape.kvHeads,
+            maxLen: init.maxSequenceLength,
+            headDim: shape.headDim,
+          },
+          cached.kvGraphs,
+        )
+      : undefined;
+  if (deviceKv) log(`kv arena: resident on the ${init.device} device`);
+  const executor = new StageExecutor(session, shape, init.maxSequences, init.maxSequenceLength, deviceKv);
   post({
     type: 'ready',
     info: {
@@ -41,9 +60,18 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
 }
 
 /** The stage's ORT session on its device; a device that cannot be opened is an error saying what to install. */
-async function createSession(onnxPath: string, init: WorkerInit): Promise<ort.InferenceSession> {
+async function createSession(
+  onnxPath: string,
+  init: WorkerInit,
+  deviceKvShape: StageShape | null,
+): Promise<ort.InferenceSession> {
   const device = init.device ?? 'cpu';
+  // A device arena's updated tensors stay on the device; every other output comes to host memory.
+  const kvOutputs = deviceKvShape?.layers.flatMap((l) => [io.keyCacheOut(l), io.valueCacheOut(l)]) ?? [];
   const options: ort.InferenceSession.SessionOptions = {
+    ...(kvOutputs.length > 0
+      ? { preferredOutputLocation: Object.fromEntries(kvOutputs.map((name) => [name, 'gpu-buffer' as const])) }
+      : {}),
     executionProviders: [device],
     intraOpNumThreads: init.threads ?? availableParallelism(),
     interOpNumThreads: 1,
@@ -91,8 +119,11 @@ async function handle(executor: StageExecutor, req: Request): Promise<void> {
         return;
       }
       case 'copyKv':
-        executor.copyKv(req.from, req.to, req.length);
+        await executor.copyKv(req.from, req.to, req.length);
         break;
+      case 'stats':
+        post({ type: 'result', id: req.id, stats: structuredClone(executor.transfers) });
+        return;
       case 'free':
         executor.free(req.slot);
         break;

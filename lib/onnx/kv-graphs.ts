@@ -1,0 +1,33 @@
+// The two small graphs that manage a device-resident KV arena (lib/runtime/device-kv.ts) besides the stage graph:
+//
+//   kv-init  shape int64 [4] → cache float [shape]: a zero-filled arena tensor, made on the device (the node binding
+//            cannot create a device buffer from JS, but keeps a session's outputs there on request)
+//   kv-copy  cache float [slots, kvHeads, maxLen, headDim], from / to int64 [n, 3] (slot, head, position)
+//            → cache_out: the arena with the K or V at `to` replaced by the values at `from` (GatherND reads them
+//            all before ScatterND writes, so overlapping moves read the old values)
+import type { GraphBuilder } from './graph.js';
+
+export const kvGraphIo = {
+  shape: 'shape',
+  cache: 'cache',
+  from: 'from',
+  to: 'to',
+  cacheOut: 'cache_out',
+};
+
+export function buildKvInitGraph(g: GraphBuilder): void {
+  g.input(kvGraphIo.shape, 'int64', [4]);
+  const zero = { tensor: { type: 'float' as const, dims: [1], raw: new Uint8Array(4) } };
+  g.op('ConstantOfShape', [kvGraphIo.shape], kvGraphIo.cache, { value: zero });
+  g.output(kvGraphIo.cache, 'float', ['slots', 'kv_heads', 'max_len', 'head_dim']);
+}
+
+export function buildKvCopyGraph(g: GraphBuilder): void {
+  const dims = ['slots', 'kv_heads', 'max_len', 'head_dim'];
+  g.input(kvGraphIo.cache, 'float', dims);
+  g.input(kvGraphIo.from, 'int64', ['n', 3]);
+  g.input(kvGraphIo.to, 'int64', ['n', 3]);
+  const moved = g.op('GatherND', [kvGraphIo.cache, kvGraphIo.from], 'moved');
+  g.op('ScatterND', [kvGraphIo.cache, kvGraphIo.to, moved], kvGraphIo.cacheOut);
+  g.output(kvGraphIo.cacheOut, 'float', dims);
+}
