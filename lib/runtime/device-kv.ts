@@ -21,6 +21,7 @@ export class DeviceKv {
     readonly keys: ort.Tensor[],
     readonly values: ort.Tensor[],
     private readonly copier: Session,
+    private readonly init: Session,
   ) {}
 
   /** Opens the init and copy graphs on the webgpu device and makes a zero arena. */
@@ -40,8 +41,9 @@ export class DeviceKv {
       keys.push(await make());
       values.push(await make());
     }
-    await init.release();
-    return new DeviceKv(shape, keys, values, copier);
+    // The init session stays open: releasing a webgpu session while another worker's stage has device tensors
+    // crashed the process (SIGSEGV, measured with two stages in one process).
+    return new DeviceKv(shape, keys, values, copier, init);
   }
 
   /** Replaces layer l's tensors with a run's outputs (the old ones are released). */
@@ -75,5 +77,6 @@ export class DeviceKv {
   async release(): Promise<void> {
     for (const t of [...this.keys, ...this.values]) t.dispose();
     await this.copier.release();
+    await this.init.release();
   }
 }

@@ -1,6 +1,7 @@
 // The stage graph on ONNX Runtime's WebGPU execution provider (docs/gpu.md), against the float64 reference and the
 // CPU graph, on emu3-tiny. Machines without a GPU run it on Mesa's software Vulkan device (lavapipe), which .ci/run
-// installs; a machine with neither fails here with the error naming what to install (it is not skipped).
+// installs; a machine with neither fails here with the error naming what to install (it is not skipped). On webgpu
+// the KV arena is resident on the device unless a test asks for the host arena (kv: 'host').
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -8,7 +9,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { writeTinyEmu3 } from '../../lib/model/tiny.js';
 import type { Device } from '../../lib/onnx/stage-graph.js';
-import { type ForwardItem, StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { type ForwardItem, type KvPlacement, StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import { Rng } from '../../lib/util/rng.js';
 import { argmax, Emu3Reference } from '../reference/emu3-f64.js';
 
@@ -28,7 +29,11 @@ function prompt(seed: number, length: number): number[] {
   return Array.from({ length }, () => rng.nextU32() % ref.config.vocabSize);
 }
 
-async function open(device: Device, cuts: number[]): Promise<StageRuntime[]> {
+async function open(
+  device: Device,
+  cuts: number[],
+  opts: { kv?: KvPlacement; maxSequenceLength?: number } = {},
+): Promise<StageRuntime[]> {
   const stages: StageRuntime[] = [];
   for (let i = 0; i + 1 < cuts.length; i++)
     stages.push(
@@ -37,8 +42,9 @@ async function open(device: Device, cuts: number[]): Promise<StageRuntime[]> {
         layers: [cuts[i], cuts[i + 1]],
         precision: 'fp32',
         device,
+        kv: opts.kv,
         maxSequences: 4,
-        maxSequenceLength: 64,
+        maxSequenceLength: opts.maxSequenceLength ?? 64,
         cacheDir,
         threads: 1,
       }),
@@ -77,22 +83,24 @@ function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return m;
 }
 
-test(
-  'webgpu, one stage: logits within 1e-3 of the float64 reference, greedy tokens identical',
-  { timeout: 300_000 },
-  async () => {
-    const stages = await open('webgpu', [0, 4]);
-    try {
-      const ids = prompt(1, 12);
-      const { tokens, first } = await greedy(stages, ids, 6);
-      const diff = maxAbsDiff(first, ref.logits(ids));
-      assert.ok(diff < 1e-3, `max |logit − reference| = ${diff}`);
-      assert.deepEqual(tokens, ref.greedy(ids, 6));
-    } finally {
-      for (const s of stages) await s.close();
-    }
-  },
-);
+for (const kv of ['device', 'host'] as const) {
+  test(
+    `webgpu, one stage, KV arena on the ${kv}: logits within 1e-3 of the float64 reference, greedy tokens identical`,
+    { timeout: 300_000 },
+    async () => {
+      const stages = await open('webgpu', [0, 4], { kv });
+      try {
+        const ids = prompt(1, 12);
+        const { tokens, first } = await greedy(stages, ids, 6);
+        const diff = maxAbsDiff(first, ref.logits(ids));
+        assert.ok(diff < 1e-3, `max |logit − reference| = ${diff}`);
+        assert.deepEqual(tokens, ref.greedy(ids, 6));
+      } finally {
+        for (const s of stages) await s.close();
+      }
+    },
+  );
+}
 
 test(
   'webgpu, two stages: the same greedy tokens as one CPU stage; a mixed batch equals the CPU graph',
@@ -118,5 +126,74 @@ test(
     } finally {
       for (const s of [...gpu, ...cpu]) await s.close();
     }
+  },
+);
+
+test(
+  'webgpu, KV on the device: a prefix copied with copyKv and continued equals a fresh prefill of the same tokens',
+  { timeout: 300_000 },
+  async () => {
+    const stages = await open('webgpu', [0, 2, 4]);
+    try {
+      const shared = prompt(4, 9);
+      await logits(stages, [{ slot: 0, start: 0, length: 12 }], [...shared, ...prompt(5, 3)]);
+      for (const s of stages) await s.copyKv(0, 3, shared.length);
+      const tail = prompt(6, 4);
+      const reused = await logits(stages, [{ slot: 3, start: shared.length, length: tail.length }], tail);
+      // Slot 1 holds an unrelated sequence first, so a copy that missed a layer or a row would show.
+      await logits(stages, [{ slot: 1, start: 0, length: 13 }], prompt(7, 13));
+      for (const s of stages) await s.free(1);
+      const fresh = await logits(stages, [{ slot: 1, start: 0, length: 13 }], [...shared, ...tail]);
+      const diff = maxAbsDiff(reused, fresh);
+      assert.ok(diff < 1e-4, `max |reused − fresh| = ${diff}`);
+      assert.ok(maxAbsDiff(fresh, ref.logits([...shared, ...tail])) < 1e-3);
+    } finally {
+      for (const s of stages) await s.close();
+    }
+  },
+);
+
+test(
+  'webgpu: host↔device bytes per decode step stay the same from context 128 to 2047 with the KV arena on the ' +
+    'device, and grow with the host arena',
+  { timeout: 600_000 },
+  async (t) => {
+    const maxSequenceLength = ref.config.maxPositionEmbeddings; // emu3-tiny: 2048
+    const contexts = [128, maxSequenceLength - 1];
+    const ids = prompt(8, contexts[1]);
+    const perStep: Record<KvPlacement, number[]> = { device: [], host: [] };
+    for (const kv of ['device', 'host'] as const) {
+      // The first stage (layers [0, 2)): its output is the hidden state, so the bytes are the stage's own.
+      const [stage] = await open('webgpu', [0, 2], { kv, maxSequenceLength });
+      try {
+        for (const context of contexts) {
+          for (let start = 0; start < context; start += 256) {
+            const length = Math.min(256, context - start);
+            await stage.forward([{ slot: 0, start, length }], {
+              tokens: Int32Array.from(ids.slice(start, start + length)),
+            });
+          }
+          await stage.forward([{ slot: 0, start: context, length: 1 }], { tokens: Int32Array.of(ids[0]) });
+          const last = (await stage.stats()).last;
+          assert.ok(last);
+          perStep[kv].push(last.hostToDevice + last.deviceToHost);
+          await stage.free(0);
+        }
+      } finally {
+        await stage.close();
+      }
+    }
+    t.diagnostic(`bytes per decode step at contexts ${contexts.join(', ')}: ${JSON.stringify(perStep)}`);
+    const D = ref.config.hiddenSize;
+    // On the device only the token id and the small index inputs go in and one hidden row comes out.
+    assert.equal(perStep.device[0], perStep.device[1], `device arena: ${perStep.device.join(' vs ')} bytes`);
+    assert.ok(perStep.device[0] < 4 * D + 1024, `device arena: ${perStep.device[0]} bytes per step`);
+    // The host arena feeds its rows (as long as the arena) and a past mask as long as the context.
+    const kvBytes = 2 * 2 * ref.config.numKeyValueHeads * maxSequenceLength * ref.config.headDim * 4;
+    assert.ok(perStep.host[0] > kvBytes, `host arena: ${perStep.host[0]} bytes per step`);
+    assert.ok(
+      perStep.host[1] - perStep.host[0] >= 4 * (contexts[1] - contexts[0]),
+      `host arena: ${perStep.host.join(' vs ')} bytes`,
+    );
   },
 );
