@@ -47,6 +47,9 @@ export interface ReadyInfo {
   weightBytes: number;
   reusedGraph: boolean;
   onnxPath: string;
+  /** The webgpu adapter's name ('' on cpu): gpu-adapter.ts. */
+  adapter: string;
+  kv: 'host' | 'device';
 }
 
 export type Request =

@@ -157,6 +157,14 @@ export class StageRuntime {
   get weightBytes(): number {
     return this.info.weightBytes;
   }
+  /** The webgpu adapter's name ('' on cpu). */
+  get adapter(): string {
+    return this.info.adapter;
+  }
+  /** Where the KV arena lives (StageRuntimeOptions.kv). */
+  get kv(): KvPlacement {
+    return this.info.kv;
+  }
   /** Whether the graph came from the cache rather than being built now. */
   get reusedGraph(): boolean {
     return this.info.reusedGraph;

@@ -7,6 +7,7 @@ import { Checkpoint } from '../model/checkpoint.js';
 import { ensureStageGraph } from '../onnx/graph-cache.js';
 import { io, type StageShape } from '../onnx/stage-graph.js';
 import { DeviceKv } from './device-kv.js';
+import { adapterName } from './gpu-adapter.js';
 import { type ForwardOutput, postTransferring, type Reply, type Request, type WorkerInit } from './protocol.js';
 import { StageExecutor } from './stage-executor.js';
 import { kvPlacement } from './stage-runtime.js';
@@ -44,6 +45,8 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
           cached.kvGraphs,
         )
       : undefined;
+  const adapter = adapterName(init.device ?? 'cpu');
+  if (adapter) log(`webgpu adapter: ${adapter} (the Vulkan device vulkaninfo lists; ORT does not report it)`);
   if (deviceKv) log(`kv arena: resident on the ${init.device} device`);
   const executor = new StageExecutor(session, shape, init.maxSequences, init.maxSequenceLength, deviceKv);
   post({
@@ -54,6 +57,8 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
       weightBytes: cached.weightBytes,
       reusedGraph: cached.reused,
       onnxPath: cached.onnxPath,
+      adapter,
+      kv: deviceKv ? 'device' : 'host',
     },
   });
   return executor;

@@ -108,7 +108,12 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     spin: opts.spin,
     log: (msg) => log.info('stage', { detail: msg }),
   });
-  log.info('stage ready', { ms: Math.round(performance.now() - started), reusedGraph: runtime.reusedGraph });
+  log.info('stage ready', {
+    ms: Math.round(performance.now() - started),
+    reusedGraph: runtime.reusedGraph,
+    device,
+    ...(runtime.adapter ? { adapter: runtime.adapter, kv: runtime.kv } : {}),
+  });
 
   const where = `stage [${first}, ${end})`;
   const credentials = internalClient(opts.security);
