@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import type { Checkpoint } from '../model/checkpoint.js';
 import { GraphBuilder } from './graph.js';
 import { buildKvCopyGraph, buildKvInitGraph } from './kv-graphs.js';
-import { buildStageGraph, checkStageSpec, type StageShape, type StageSpec } from './stage-graph.js';
+import { buildStageGraph, checkStageSpec, kvElemType, type StageShape, type StageSpec } from './stage-graph.js';
 
 /** Bump when the graph layout changes, so old cache entries are not reused. */
 export const STAGE_GRAPH_VERSION = 7;
@@ -94,7 +94,7 @@ export function ensureStageGraph(
         ['kv-copy', buildKvCopyGraph],
       ] as const) {
         const kv = new GraphBuilder(tmp, name);
-        build(kv);
+        build(kv, kvElemType(spec.precision));
         kv.save();
       }
     }

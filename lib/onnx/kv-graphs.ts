@@ -7,6 +7,9 @@
 //            all before ScatterND writes, so overlapping moves read the old values)
 import type { GraphBuilder } from './graph.js';
 
+/** The arena's element type: float, or float16 with fp16 weights (stage-graph.ts kvElemType). */
+export type KvElem = 'float' | 'float16';
+
 export const kvGraphIo = {
   shape: 'shape',
   cache: 'cache',
@@ -15,19 +18,19 @@ export const kvGraphIo = {
   cacheOut: 'cache_out',
 };
 
-export function buildKvInitGraph(g: GraphBuilder): void {
+export function buildKvInitGraph(g: GraphBuilder, type: KvElem): void {
   g.input(kvGraphIo.shape, 'int64', [4]);
-  const zero = { tensor: { type: 'float' as const, dims: [1], raw: new Uint8Array(4) } };
+  const zero = { tensor: { type, dims: [1], raw: new Uint8Array(type === 'float' ? 4 : 2) } };
   g.op('ConstantOfShape', [kvGraphIo.shape], kvGraphIo.cache, { value: zero });
-  g.output(kvGraphIo.cache, 'float', ['slots', 'kv_heads', 'max_len', 'head_dim']);
+  g.output(kvGraphIo.cache, type, ['slots', 'kv_heads', 'max_len', 'head_dim']);
 }
 
-export function buildKvCopyGraph(g: GraphBuilder): void {
+export function buildKvCopyGraph(g: GraphBuilder, type: KvElem): void {
   const dims = ['slots', 'kv_heads', 'max_len', 'head_dim'];
-  g.input(kvGraphIo.cache, 'float', dims);
+  g.input(kvGraphIo.cache, type, dims);
   g.input(kvGraphIo.from, 'int64', ['n', 3]);
   g.input(kvGraphIo.to, 'int64', ['n', 3]);
   const moved = g.op('GatherND', [kvGraphIo.cache, kvGraphIo.from], 'moved');
   g.op('ScatterND', [kvGraphIo.cache, kvGraphIo.to, moved], kvGraphIo.cacheOut);
-  g.output(kvGraphIo.cacheOut, 'float', dims);
+  g.output(kvGraphIo.cacheOut, type, dims);
 }

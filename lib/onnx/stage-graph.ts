@@ -38,13 +38,20 @@
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
+import { floatToHalf } from '../model/dtype.js';
 import { concatFloat32 } from '../util/float32.js';
 import type { GraphBuilder } from './graph.js';
 import { type Int4Scheme, quantizeInt4 } from './int4.js';
 import { addSamplingHead } from './sampling-head.js';
 
-export type Precision = 'fp32' | 'int4';
-export const PRECISIONS: readonly Precision[] = ['fp32', 'int4'];
+/** fp16: weights (and a device KV arena) in IEEE half, activations and attention in fp32; webgpu only. */
+export type Precision = 'fp32' | 'int4' | 'fp16';
+export const PRECISIONS: readonly Precision[] = ['fp32', 'int4', 'fp16'];
+
+/** The precision a device runs when none is asked for: fp16 on webgpu (half the bytes to read per token), else fp32. */
+export function defaultPrecision(device: Device | undefined): Precision {
+  return device === 'webgpu' ? 'fp16' : 'fp32';
+}
 
 /**
  * Where a stage's ORT session runs: the CPU; ONNX Runtime's WebGPU execution provider (Dawn over Vulkan), which the
@@ -55,7 +62,7 @@ export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
 
 /** Every precision and op choice of the graph, decided in one place. */
 interface LinearPlan {
-  kind: 'fp32' | 'int4';
+  kind: 'fp32' | 'int4' | 'fp16';
   scheme: Int4Scheme;
   /** MatMulNBits accuracy_level: 4 = int8 compute, the fast CPU path (measured fastest here). */
   accuracyLevel: number;
@@ -71,7 +78,7 @@ function linearPlan(precision: Precision, device: Device): LinearPlan {
   const fusedScores = device !== 'webgpu';
   return precision === 'int4'
     ? { kind: 'int4', scheme: 'asymmetric', accuracyLevel: 4, fusedScores }
-    : { kind: 'fp32', scheme: 'asymmetric', accuracyLevel: 0, fusedScores };
+    : { kind: precision, scheme: 'asymmetric', accuracyLevel: 0, fusedScores };
 }
 
 export interface StageSpec {
@@ -176,6 +183,8 @@ export function checkStageSpec(config: Emu3Config, spec: StageSpec): void {
     throw new Error(`precision "${spec.precision}" is not one of ${PRECISIONS.join('|')}`);
   if (spec.device !== undefined && !DEVICES.includes(spec.device))
     throw new Error(`device "${spec.device}" is not one of ${DEVICES.join('|')}`);
+  if (spec.precision === 'fp16' && spec.device !== 'webgpu')
+    throw new Error(`precision fp16 needs device webgpu (got ${spec.device ?? 'cpu'}): use fp32 or int4 there`);
 }
 
 /** Adds the whole stage to `g` (the caller saves it). Reads and writes one tensor at a time. */
@@ -230,16 +239,30 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
   return shape;
 }
 
-/** h = embed_tokens[input_ids], kept in fp32 whatever the precision. */
+/** h = embed_tokens[input_ids], kept in fp32 whatever the precision (fp16: the table is half, the rows cast back). */
 function embed(ctx: Ctx, tokens: string): string {
   const { g, c } = ctx;
-  const table = g.weight(
-    'embed_tokens',
-    'float',
-    [c.vocabSize, c.hiddenSize],
-    ctx.ckpt.read(tensorNames.embed, [c.vocabSize, c.hiddenSize]),
-  );
+  const rows = ctx.ckpt.read(tensorNames.embed, [c.vocabSize, c.hiddenSize]);
+  if (ctx.plan.kind === 'fp16') {
+    const table = g.weight('embed_tokens', 'float16', [c.vocabSize, c.hiddenSize], toHalf(rows));
+    return g.op('Cast', [g.op('Gather', [table, tokens], 'embed_half', { axis: 0 })], 'embed', { to: FLOAT });
+  }
+  const table = g.weight('embed_tokens', 'float', [c.vocabSize, c.hiddenSize], rows);
   return g.op('Gather', [table, tokens], 'embed', { axis: 0 });
+}
+
+const FLOAT = 1;
+const FLOAT16 = 10;
+
+function toHalf(x: Float32Array): Uint16Array {
+  const out = new Uint16Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = floatToHalf(x[i]);
+  return out;
+}
+
+/** The element type of a device KV arena: half with fp16 weights, else float. */
+export function kvElemType(precision: Precision): 'float' | 'float16' {
+  return precision === 'fp16' ? 'float16' : 'float';
 }
 
 function decoderLayer(ctx: Ctx, layer: number, h: string): string {
@@ -356,13 +379,15 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
       `${name}.used`,
     );
   // On the device: the used positions of the whole arena, then the branch's rows (slots) among them.
-  const resident = (cache: string) =>
-    g.op(
+  const resident = (cache: string) => {
+    const rows = g.op(
       'Gather',
       [g.op('Slice', [cache, ctx.zero, pastLength, ctx.axis2], `${p}.${cache}.used`), io.branchRows(branch)],
       `${p}.${cache}.rows`,
       { axis: 0 },
     );
+    return ctx.plan.kind === 'fp16' ? g.op('Cast', [rows], `${p}.${cache}.rows_float`, { to: FLOAT }) : rows;
+  };
   const kPast = ctx.kvOnDevice ? resident(io.keyCache(layer)) : arena(io.pastKey(layer, branch));
   const vPast = ctx.kvOnDevice ? resident(io.valueCache(layer)) : arena(io.pastValue(layer, branch));
   const pastMask = ctx.kvOnDevice ? devicePastMask(ctx, branch) : io.pastMask(branch);
@@ -411,14 +436,16 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
  */
 function writeCache(ctx: Ctx, cache: string, out: string, flatNew: string): void {
   const { g, c } = ctx;
-  g.input(cache, 'float', ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
-  const updates = g.op(
+  const type = ctx.plan.kind === 'fp16' ? 'float16' : 'float';
+  g.input(cache, type, ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
+  const shaped = g.op(
     'Reshape',
     [flatNew, g.constInt64(`${out}.updates_shape`, [-1, c.numKeyValueHeads, c.headDim])],
     `${out}.updates`,
   );
+  const updates = type === 'float16' ? g.op('Cast', [shaped], `${out}.updates_half`, { to: FLOAT16 }) : shaped;
   g.op('ScatterND', [cache, io.kvWriteIndex, updates], out);
-  g.output(out, 'float', ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
+  g.output(out, type, ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
 }
 
 /** b.past_mask computed on the device: 0 where position j < the row's past length, −inf elsewhere; [R, 1, 1, P]. */
@@ -473,12 +500,20 @@ function lmHead(ctx: Ctx, h: string): string {
   return g.op('Identity', [logits], io.logits);
 }
 
-/** y = x · Wᵀ for a torch-layout [out, in] weight: Gemm(transB) in fp32, MatMulNBits in int4. */
+/**
+ * y = x · Wᵀ for a torch-layout [out, in] weight: Gemm(transB) in fp32; in fp16 the same on x cast to half, the
+ * product cast back (so norms, rotary and softmax stay fp32); MatMulNBits in int4.
+ */
 function linear(ctx: Ctx, name: string, weight: Float32Array, out: number, inp: number, x: string): string {
   const { g, plan } = ctx;
   if (plan.kind === 'fp32') {
     const w = g.weight(`${name}.weight`, 'float', [out, inp], weight);
     return g.op('Gemm', [x, w], name, { transB: 1 });
+  }
+  if (plan.kind === 'fp16') {
+    const w = g.weight(`${name}.weight`, 'float16', [out, inp], toHalf(weight));
+    const xHalf = g.op('Cast', [x], `${name}.in_half`, { to: FLOAT16 });
+    return g.op('Cast', [g.op('Gemm', [xHalf, w], `${name}.half`, { transB: 1 })], name, { to: FLOAT });
   }
   const q = quantizeInt4(weight, out, inp, plan.scheme);
   const inputs = [

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { writeTinyEmu3 } from '../../lib/model/tiny.js';
-import type { Device } from '../../lib/onnx/stage-graph.js';
+import type { Device, Precision } from '../../lib/onnx/stage-graph.js';
 import { type ForwardItem, type KvPlacement, StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import { Rng } from '../../lib/util/rng.js';
 import { argmax, Emu3Reference } from '../reference/emu3-f64.js';
@@ -32,7 +32,7 @@ function prompt(seed: number, length: number): number[] {
 async function open(
   device: Device,
   cuts: number[],
-  opts: { kv?: KvPlacement; maxSequenceLength?: number } = {},
+  opts: { kv?: KvPlacement; maxSequenceLength?: number; precision?: Precision } = {},
 ): Promise<StageRuntime[]> {
   const stages: StageRuntime[] = [];
   for (let i = 0; i + 1 < cuts.length; i++)
@@ -40,7 +40,7 @@ async function open(
       await StageRuntime.open({
         modelDir: dir,
         layers: [cuts[i], cuts[i + 1]],
-        precision: 'fp32',
+        precision: opts.precision ?? 'fp32',
         device,
         kv: opts.kv,
         maxSequences: 4,
@@ -74,6 +74,18 @@ async function greedy(
       argmax(await logits(stages, [{ slot: 0, start: ids.length + tokens.length - 1, length: 1 }], [tokens.at(-1)!])),
     );
   return { tokens, first };
+}
+
+/** ‖a − b‖ / ‖b‖ */
+function relativeL2(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  assert.equal(a.length, b.length);
+  let err = 0;
+  let norm = 0;
+  for (let i = 0; i < a.length; i++) {
+    err += (a[i] - b[i]) ** 2;
+    norm += b[i] ** 2;
+  }
+  return Math.sqrt(err / norm);
 }
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
@@ -197,3 +209,46 @@ test(
     );
   },
 );
+
+test(
+  'webgpu fp16 (weights and the device KV arena in half): logits within 1% (relative L2) of the float64 ' +
+    'reference, greedy tokens identical',
+  { timeout: 300_000 },
+  async (t) => {
+    const stages = await open('webgpu', [0, 2, 4], { precision: 'fp16' });
+    try {
+      const ids = prompt(1, 12);
+      const { tokens, first } = await greedy(stages, ids, 6);
+      const want = ref.logits(ids);
+      // Rounding a weight to half errs by at most 2⁻¹¹ of it (4.9e-4); over 4 layers and lm_head the logits measured
+      // 1.9e-3 relative (max |Δ| 0.04 on logits up to 17): 1e-2 leaves room for other GPUs' summation orders.
+      const rel = relativeL2(first, want);
+      t.diagnostic(`fp16: relative L2 ${rel.toExponential(2)}, max |Δ| ${maxAbsDiff(first, want).toFixed(4)}`);
+      assert.ok(rel < 1e-2, `fp16 logits: relative L2 ${rel} from the reference`);
+      assert.deepEqual(tokens, ref.greedy(ids, 6));
+    } finally {
+      for (const s of stages) await s.close();
+    }
+  },
+);
+
+test('webgpu int4 (MatMulNBits) stays close to int4 on the cpu', { timeout: 300_000 }, async (t) => {
+  const gpu = await open('webgpu', [0, 4], { precision: 'int4' });
+  const cpu = await open('cpu', [0, 4], { precision: 'int4' });
+  try {
+    const ids = prompt(9, 12);
+    const a = await greedy(gpu, ids, 6);
+    const b = await greedy(cpu, ids, 6);
+    // The same int4 weights on both; the CPU kernel (accuracy level 4) also rounds the activations to int8 per
+    // block, about 1% per product (stage-int4.test.ts): measured 1.7e-2 relative over the whole model.
+    const rel = relativeL2(a.first, b.first);
+    let agree = 0;
+    while (agree < 6 && a.tokens[agree] === b.tokens[agree]) agree++;
+    t.diagnostic(`int4 webgpu vs cpu: relative L2 ${rel.toExponential(2)}, first ${agree}/6 greedy tokens agree`);
+    assert.ok(rel < 0.05, `int4 logits: relative L2 ${rel} between webgpu and cpu`);
+    const rank = a.first.reduce((n, v) => n + (v > a.first[b.tokens[0]] ? 1 : 0), 0);
+    assert.ok(rank < 10, `the cpu's greedy token ranks ${rank} in the webgpu logits`);
+  } finally {
+    for (const s of [...gpu, ...cpu]) await s.close();
+  }
+});
