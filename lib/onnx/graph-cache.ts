@@ -11,7 +11,7 @@ import { buildKvCopyGraph, buildKvInitGraph } from './kv-graphs.js';
 import { buildStageGraph, checkStageSpec, kvElemType, type StageShape, type StageSpec } from './stage-graph.js';
 
 /** Bump when the graph layout changes, so old cache entries are not reused. */
-export const STAGE_GRAPH_VERSION = 7;
+export const STAGE_GRAPH_VERSION = 8;
 
 export interface CachedStage {
   onnxPath: string;

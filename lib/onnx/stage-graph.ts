@@ -102,6 +102,8 @@ export interface StageShape {
   kvHeads: number;
   headDim: number;
   layers: number[];
+  /** The sampling head's on-device variant (webgpu): its feeds are deviceSamplingFeeds. */
+  deviceSampling?: boolean;
 }
 
 export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
@@ -114,6 +116,7 @@ export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
     kvHeads: config.numKeyValueHeads,
     headDim: config.headDim,
     layers: Array.from({ length: spec.end - spec.first }, (_, i) => spec.first + i),
+    ...(spec.device === 'webgpu' ? { deviceSampling: true } : {}),
   };
 }
 
@@ -232,7 +235,8 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
   for (const layer of shape.layers) h = decoderLayer(ctx, layer, h);
   if (shape.isLast) {
     g.output(lmHead(ctx, h), 'float', ['batch', c.vocabSize]);
-    addSamplingHead(g, io.logits, c.vocabSize); // sampling.* inputs/outputs (sampling-head.ts)
+    // sampling.* inputs/outputs (sampling-head.ts); on webgpu the variant with every node on the device
+    addSamplingHead(g, io.logits, c.vocabSize, { onDevice: shape.deviceSampling });
   } else {
     g.output(g.op('Identity', [h], io.hiddenOut), 'float', ['tokens', c.hiddenSize]);
   }

@@ -4,7 +4,14 @@
 // chunks padded to the longest), places each branch's sequences on contiguous arena rows, and writes the new K/V
 // of each item back into the arena.
 import ort from 'onnxruntime-node';
-import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
+import {
+  deviceSamplingFeeds,
+  NEUTRAL_ROW,
+  runTopK,
+  type SamplingRow,
+  samplingFeeds,
+  samplingIo,
+} from '../onnx/sampling-head.js';
 import { type Branch, io, type StageShape } from '../onnx/stage-graph.js';
 import type { DeviceKv } from './device-kv.js';
 import { KvArena } from './kv-arena.js';
@@ -69,7 +76,8 @@ export class StageExecutor {
     }
     // The head's inputs are always fed (checked before anything moves); only the fetched outputs are computed.
     const rows = sampling ?? items.map(() => NEUTRAL_ROW);
-    const head = this.shape.isLast ? samplingFeeds(rows, V, sampling ? k : undefined) : {};
+    const hostHead = this.shape.isLast ? samplingFeeds(rows, V, sampling ? k : undefined) : {};
+    const head = this.shape.isLast && this.shape.deviceSampling ? deviceSamplingFeeds(hostHead) : hostHead;
     const feeds = this.layout(items, input, offsets);
     for (const [name, t] of Object.entries(head)) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
     const kv = this.deviceKv;
