@@ -1,7 +1,8 @@
 // The two small graphs that manage a device-resident KV arena (lib/runtime/device-kv.ts) besides the stage graph:
 //
 //   kv-init  shape int64 [4] → cache float [shape]: a zero-filled arena tensor, made on the device (the node binding
-//            cannot create a device buffer from JS, but keeps a session's outputs there on request)
+//            cannot create a device buffer from JS, but keeps a session's outputs there on request) by Expand of a
+//            zero (ConstantOfShape has no WebGPU kernel: it would fill the arena in host memory and copy it over)
 //   kv-copy  cache float [slots, kvHeads, maxLen, headDim], from / to int64 [n, 3] (slot, head, position)
 //            → cache_out: the arena with the K or V at `to` replaced by the values at `from` (GatherND reads them
 //            all before ScatterND writes, so overlapping moves read the old values)
@@ -20,8 +21,8 @@ export const kvGraphIo = {
 
 export function buildKvInitGraph(g: GraphBuilder, type: KvElem): void {
   g.input(kvGraphIo.shape, 'int64', [4]);
-  const zero = { tensor: { type, dims: [1], raw: new Uint8Array(type === 'float' ? 4 : 2) } };
-  g.op('ConstantOfShape', [kvGraphIo.shape], kvGraphIo.cache, { value: zero });
+  const zero = g.weight('zero', type, [], new Uint8Array(type === 'float' ? 4 : 2));
+  g.op('Expand', [zero, kvGraphIo.shape], kvGraphIo.cache);
   g.output(kvGraphIo.cache, type, ['slots', 'kv_heads', 'max_len', 'head_dim']);
 }
 
