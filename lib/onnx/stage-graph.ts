@@ -269,6 +269,11 @@ export function kvElemType(precision: Precision): 'float' | 'float16' {
   return precision === 'fp16' ? 'float16' : 'float';
 }
 
+/** Bytes per element of a device KV arena (kvElemType). */
+export function kvElementBytes(precision: Precision): number {
+  return precision === 'fp16' ? 2 : 4;
+}
+
 function decoderLayer(ctx: Ctx, layer: number, h: string): string {
   const { g } = ctx;
   const names = tensorNames.layer(layer);

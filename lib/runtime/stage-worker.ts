@@ -5,7 +5,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import ort from 'onnxruntime-node';
 import { Checkpoint } from '../model/checkpoint.js';
 import { ensureStageGraph } from '../onnx/graph-cache.js';
-import { io, type StageShape } from '../onnx/stage-graph.js';
+import { io, kvElementBytes, type StageShape } from '../onnx/stage-graph.js';
 import { DeviceKv } from './device-kv.js';
 import { adapterName } from './gpu-adapter.js';
 import { type ForwardOutput, postTransferring, type Reply, type Request, type WorkerInit } from './protocol.js';
@@ -53,7 +53,7 @@ async function open(init: WorkerInit): Promise<StageExecutor> {
     type: 'ready',
     info: {
       shape: cached.shape,
-      kvBytes: executor.arena.bytes,
+      kvBytes: deviceKv ? (executor.arena.bytes / 4) * kvElementBytes(init.precision) : executor.arena.bytes,
       weightBytes: cached.weightBytes,
       reusedGraph: cached.reused,
       onnxPath: cached.onnxPath,
