@@ -7,11 +7,11 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import type { Checkpoint } from '../model/checkpoint.js';
 import { GraphBuilder } from './graph.js';
-import { buildKvCopyGraph, buildKvInitGraph } from './kv-graphs.js';
+import { buildKvCopyGraph, buildKvInitGraph, buildKvReadGraph } from './kv-graphs.js';
 import { buildStageGraph, checkStageSpec, kvElemType, type StageShape, type StageSpec } from './stage-graph.js';
 
 /** Bump when the graph layout changes, so old cache entries are not reused. */
-export const STAGE_GRAPH_VERSION = 8;
+export const STAGE_GRAPH_VERSION = 9;
 
 export interface CachedStage {
   onnxPath: string;
@@ -21,7 +21,7 @@ export interface CachedStage {
   weightBytes: number;
   shape: StageShape;
   /** With spec.kvOnDevice: the arena's init and copy graphs (kv-graphs.ts), beside the stage graph. */
-  kvGraphs?: { init: string; copy: string };
+  kvGraphs?: { init: string; copy: string; read: string };
 }
 
 /** `explicit`, else $EMU3_CACHE_DIR, else `<model dir>/.emu3-cache` if writable, else ~/.cache/emu3-serve. */
@@ -92,6 +92,7 @@ export function ensureStageGraph(
       for (const [name, build] of [
         ['kv-init', buildKvInitGraph],
         ['kv-copy', buildKvCopyGraph],
+        ['kv-read', (g: GraphBuilder) => buildKvReadGraph(g)],
       ] as const) {
         const kv = new GraphBuilder(tmp, name);
         build(kv, kvElemType(spec.precision));
@@ -127,5 +128,13 @@ export function ensureStageGraph(
 }
 
 function kvGraphPaths(dir: string, spec: StageSpec): Pick<CachedStage, 'kvGraphs'> {
-  return spec.kvOnDevice ? { kvGraphs: { init: join(dir, 'kv-init.onnx'), copy: join(dir, 'kv-copy.onnx') } } : {};
+  return spec.kvOnDevice
+    ? {
+        kvGraphs: {
+          init: join(dir, 'kv-init.onnx'),
+          copy: join(dir, 'kv-copy.onnx'),
+          read: join(dir, 'kv-read.onnx'),
+        },
+      }
+    : {};
 }

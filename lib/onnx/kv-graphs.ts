@@ -6,6 +6,7 @@
 //   kv-copy  cache float [slots, kvHeads, maxLen, headDim], from / to int64 [n, 3] (slot, head, position)
 //            → cache_out: the arena with the K or V at `to` replaced by the values at `from` (GatherND reads them
 //            all before ScatterND writes, so overlapping moves read the old values)
+//   kv-read  x float [a, b] → y: a device tensor (logits, a full row) brought to host memory
 import type { GraphBuilder } from './graph.js';
 
 /** The arena's element type: float, or float16 with fp16 weights (stage-graph.ts kvElemType). */
@@ -17,7 +18,15 @@ export const kvGraphIo = {
   from: 'from',
   to: 'to',
   cacheOut: 'cache_out',
+  x: 'x',
+  y: 'y',
 };
+
+export function buildKvReadGraph(g: GraphBuilder): void {
+  g.input(kvGraphIo.x, 'float', ['a', 'b']);
+  g.op('Identity', [kvGraphIo.x], kvGraphIo.y);
+  g.output(kvGraphIo.y, 'float', ['a', 'b']);
+}
 
 export function buildKvInitGraph(g: GraphBuilder, type: KvElem): void {
   g.input(kvGraphIo.shape, 'int64', [4]);

@@ -8,7 +8,9 @@
 // 'gpu-buffer'`) are accepted as inputs of any session on the same device; a pre-allocated device fetch is NOT
 // filled (ORT returns a new buffer), a graph input is never updated in place, and reading a device tensor from JS
 // (getData/download) aborts the process ("not implemented" thrown as a C string). So every arena update is a new
-// buffer: ScatterND copies the arena on the device, then writes the new tokens.
+// buffer: ScatterND copies the arena on the device, then writes the new tokens. And a session with device outputs
+// runs through the binding's IO binding, which never unbinds an output: a run fetching other outputs than the run
+// before fails ("Output count mismatch"), so such a session always fetches the same outputs.
 import ort from 'onnxruntime-node';
 import { kvGraphIo } from '../onnx/kv-graphs.js';
 import type { ArenaShape } from './kv-arena.js';
@@ -22,16 +24,18 @@ export class DeviceKv {
     readonly values: ort.Tensor[],
     private readonly copier: Session,
     private readonly init: Session,
+    private readonly reader: Session,
   ) {}
 
   /** Opens the init and copy graphs on the webgpu device and makes a zero arena. */
-  static async create(shape: ArenaShape, graphs: { init: string; copy: string }): Promise<DeviceKv> {
+  static async create(shape: ArenaShape, graphs: { init: string; copy: string; read: string }): Promise<DeviceKv> {
     const options: ort.InferenceSession.SessionOptions = {
       executionProviders: ['webgpu'],
       preferredOutputLocation: 'gpu-buffer',
     };
     const init = await ort.InferenceSession.create(graphs.init, options);
     const copier = await ort.InferenceSession.create(graphs.copy, options);
+    const reader = await ort.InferenceSession.create(graphs.read, { executionProviders: ['webgpu'] });
     const dims = [shape.rows, shape.kvHeads, shape.maxLen, shape.headDim];
     const feeds = { [kvGraphIo.shape]: new ort.Tensor('int64', BigInt64Array.from(dims, BigInt), [4]) };
     const make = async () => (await init.run(feeds))[kvGraphIo.cache] as ort.Tensor;
@@ -43,7 +47,12 @@ export class DeviceKv {
     }
     // The init session stays open: releasing a webgpu session while another worker's stage has device tensors
     // crashed the process (SIGSEGV, measured with two stages in one process).
-    return new DeviceKv(shape, keys, values, copier, init);
+    return new DeviceKv(shape, keys, values, copier, init, reader);
+  }
+
+  /** A float device tensor's values in host memory (through the kv-read graph: JS cannot read a device tensor). */
+  async download(t: ort.Tensor): Promise<Float32Array> {
+    return (await this.reader.run({ [kvGraphIo.x]: t }))[kvGraphIo.y].data as Float32Array;
   }
 
   /** Replaces layer l's tensors with a run's outputs (the old ones are released). */
@@ -78,5 +87,6 @@ export class DeviceKv {
     for (const t of [...this.keys, ...this.values]) t.dispose();
     await this.copier.release();
     await this.init.release();
+    await this.reader.release();
   }
 }

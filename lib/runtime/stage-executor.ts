@@ -84,7 +84,12 @@ export class StageExecutor {
     const fetches = this.shape.layers.flatMap((layer) =>
       kv ? [io.keyCacheOut(layer), io.valueCacheOut(layer)] : [io.newKey(layer), io.newValue(layer)],
     );
-    if (this.shape.isLast) {
+    // A device-KV session runs through the binding's IO binding, which keeps every output it ever bound: each run must
+    // fetch the same outputs (device-kv.ts), so a last stage fetches all of them, the logits and full rows staying on
+    // the device unless this run wants them.
+    const allOutputs = kv !== undefined && this.shape.isLast;
+    if (allOutputs) fetches.push(io.logits, samplingIo.topIds, samplingIo.topLogprobs, samplingIo.logprobs);
+    else if (this.shape.isLast) {
       if (!sampling) fetches.push(io.logits);
       else {
         fetches.push(samplingIo.topIds, samplingIo.topLogprobs);
@@ -92,6 +97,19 @@ export class StageExecutor {
       }
     } else fetches.push(io.hiddenOut);
     const result = await this.run(feeds, fetches);
+    if (allOutputs && kv) {
+      const wanted = !sampling ? io.logits : rows.some((r) => r.fullRow) ? samplingIo.logprobs : null;
+      for (const name of [io.logits, samplingIo.logprobs]) {
+        const t = result[name] as ort.Tensor;
+        if (name === wanted) {
+          const host = await kv.download(t);
+          this.transfers.deviceToHost += host.byteLength;
+          if (this.transfers.last) this.transfers.last.deviceToHost += host.byteLength;
+          result[name] = new ort.Tensor('float32', host, t.dims);
+        }
+        t.dispose();
+      }
+    }
     const data = (name: string) => (result[name] as ort.Tensor).data;
     const { kvHeads, headDim } = this.shape;
     this.shape.layers.forEach((layer, l) => {

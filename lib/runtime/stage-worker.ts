@@ -5,6 +5,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import ort from 'onnxruntime-node';
 import { Checkpoint } from '../model/checkpoint.js';
 import { ensureStageGraph } from '../onnx/graph-cache.js';
+import { samplingIo } from '../onnx/sampling-head.js';
 import { io, kvElementBytes, type StageShape } from '../onnx/stage-graph.js';
 import { DeviceKv } from './device-kv.js';
 import { adapterName } from './gpu-adapter.js';
@@ -71,8 +72,11 @@ async function createSession(
   deviceKvShape: StageShape | null,
 ): Promise<ort.InferenceSession> {
   const device = init.device ?? 'cpu';
-  // A device arena's updated tensors stay on the device; every other output comes to host memory.
+  // A device arena's updated tensors stay on the device, and so do a last stage's logits and full rows unless a run
+  // asks for them (stage-executor.ts); every other output comes to host memory. Such a session's runs fetch every
+  // output, so a location looked up by fetch position (as some binding versions do) is the output's own.
   const kvOutputs = deviceKvShape?.layers.flatMap((l) => [io.keyCacheOut(l), io.valueCacheOut(l)]) ?? [];
+  if (deviceKvShape?.isLast) kvOutputs.push(io.logits, samplingIo.logprobs);
   const options: ort.InferenceSession.SessionOptions = {
     ...(kvOutputs.length > 0
       ? { preferredOutputLocation: Object.fromEntries(kvOutputs.map((name) => [name, 'gpu-buffer' as const])) }

@@ -252,3 +252,56 @@ test('webgpu int4 (MatMulNBits) stays close to int4 on the cpu', { timeout: 300_
     for (const s of [...gpu, ...cpu]) await s.close();
   }
 });
+
+test(
+  'webgpu, KV on the device: runs alternating logits, sampled candidates and full rows equal the CPU graph; ' +
+    'a sampled step brings back only its candidates',
+  { timeout: 300_000 },
+  async () => {
+    const [gpu] = await open('webgpu', [0, 4]);
+    const [cpu] = await open('cpu', [0, 4]);
+    try {
+      const ids = prompt(10, 12);
+      const row = (fullRow: boolean, topK = 8) => ({
+        maskBegin: 0,
+        maskEnd: 0,
+        repetitionPenalty: 1,
+        penalisedIds: [],
+        temperature: 1,
+        topK,
+        fullRow,
+      });
+      const both = async (items: ForwardItem[], tokens: number[], sampling?: ReturnType<typeof row>[]) => {
+        const run = (s: StageRuntime) => s.forward(items, { tokens: Int32Array.from(tokens) }, { sampling });
+        return [await run(gpu), await run(cpu)];
+      };
+      let [a, b] = await both([{ slot: 0, start: 0, length: ids.length }], ids);
+      assert.ok('logits' in a && 'logits' in b);
+      assert.ok(maxAbsDiff(a.logits, b.logits) < 1e-3);
+      let at = ids.length;
+      for (const step of ['candidates', 'full', 'logits', 'candidates'] as const) {
+        const sampling = step === 'logits' ? undefined : [row(step === 'full')];
+        [a, b] = await both([{ slot: 0, start: at, length: 1 }], [ids[at % ids.length]], sampling);
+        at++;
+        if (step === 'logits') {
+          assert.ok('logits' in a && 'logits' in b);
+          assert.ok(maxAbsDiff(a.logits, b.logits) < 1e-3, step);
+          continue;
+        }
+        assert.ok('topIds' in a && 'topIds' in b);
+        assert.deepEqual(Array.from(a.topIds), Array.from(b.topIds), `${step}: candidate ids`);
+        assert.ok(maxAbsDiff(a.topLogprobs, b.topLogprobs) < 1e-3, `${step}: candidate logprobs`);
+        if (step === 'full') {
+          assert.ok(a.fullRows[0] && b.fullRows[0]);
+          assert.ok(maxAbsDiff(a.fullRows[0], b.fullRows[0]) < 1e-3, 'full row');
+        } else {
+          const last = (await gpu.stats()).last;
+          assert.ok(last && last.deviceToHost < 1024, `a sampled step brought back ${last?.deviceToHost} bytes`);
+        }
+      }
+    } finally {
+      await gpu.close();
+      await cpu.close();
+    }
+  },
+);
