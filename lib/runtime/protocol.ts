@@ -38,6 +38,12 @@ export interface TransferStats {
   last: { hostToDevice: number; deviceToHost: number } | null;
 }
 
+/** Host↔device bytes of one request (a forward's run, a copyKv's copies). */
+export interface HostTransfer {
+  hostToDevice: number;
+  deviceToHost: number;
+}
+
 /** What the worker is started with: the runtime's options less the log callback (which cannot cross threads). */
 export type WorkerInit = Omit<StageRuntimeOptions, 'log'>;
 
@@ -63,7 +69,7 @@ export type Reply =
   | { type: 'log'; message: string }
   | { type: 'ready'; info: ReadyInfo }
   | { type: 'failed'; error: string }
-  | { type: 'result'; id: number; output?: ForwardOutput; stats?: TransferStats }
+  | { type: 'result'; id: number; output?: ForwardOutput; stats?: TransferStats; transfer?: HostTransfer }
   | { type: 'error'; id: number; error: string };
 
 /**

@@ -77,6 +77,7 @@ type Pending = { resolve: (v: ForwardOutput | TransferStats | undefined) => void
 
 export class StageRuntime {
   private nextId = 1;
+  private readonly transferred = { hostToDevice: 0, deviceToHost: 0 };
   private readonly pending = new Map<number, Pending>();
   private closed = false;
 
@@ -192,6 +193,11 @@ export class StageRuntime {
     await this.request({ type: 'copyKv', from: fromSlot, to: toSlot, length });
   }
 
+  /** Host↔device bytes of every forward and copyKv so far (kept here from each reply, so it reads at once). */
+  get hostTransfers(): { hostToDevice: number; deviceToHost: number } {
+    return { ...this.transferred };
+  }
+
   /** Host memory fed to and returned by the stage's runs so far (and by its last run): protocol.ts TransferStats. */
   async stats(): Promise<TransferStats> {
     return (await this.request({ type: 'stats' })) as unknown as TransferStats;
@@ -223,6 +229,10 @@ export class StageRuntime {
 
   private onReply(reply: Reply): void {
     if (reply.type !== 'result' && reply.type !== 'error') return;
+    if (reply.type === 'result' && reply.transfer) {
+      this.transferred.hostToDevice += reply.transfer.hostToDevice;
+      this.transferred.deviceToHost += reply.transfer.deviceToHost;
+    }
     const p = this.pending.get(reply.id);
     if (!p) return;
     this.pending.delete(reply.id);

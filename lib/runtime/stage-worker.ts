@@ -120,16 +120,22 @@ function outputBuffers(output: ForwardOutput): ArrayBuffer[] {
 }
 
 async function handle(executor: StageExecutor, req: Request): Promise<void> {
+  const before = { ...executor.transfers };
+  const transfer = () => ({
+    hostToDevice: executor.transfers.hostToDevice - before.hostToDevice,
+    deviceToHost: executor.transfers.deviceToHost - before.deviceToHost,
+  });
   try {
     switch (req.type) {
       case 'forward': {
         const output = await executor.forward(req.items, req.input, req.sampling);
-        post({ type: 'result', id: req.id, output }, outputBuffers(output));
+        post({ type: 'result', id: req.id, output, transfer: transfer() }, outputBuffers(output));
         return;
       }
       case 'copyKv':
         await executor.copyKv(req.from, req.to, req.length);
-        break;
+        post({ type: 'result', id: req.id, transfer: transfer() });
+        return;
       case 'stats':
         post({ type: 'result', id: req.id, stats: structuredClone(executor.transfers) });
         return;

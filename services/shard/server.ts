@@ -164,6 +164,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   );
   warnIfOpen(opts.security, log);
   shardTelemetry().watchStage([first, end], () => service.ledger, capacity);
+  shardTelemetry().watchTransfers(() => runtime.hostTransfers);
   const close = async () => {
     service.stopLease();
     next?.close();

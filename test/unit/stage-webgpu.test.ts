@@ -185,10 +185,17 @@ test(
               tokens: Int32Array.from(ids.slice(start, start + length)),
             });
           }
+          const before = stage.hostTransfers;
           await stage.forward([{ slot: 0, start: context, length: 1 }], { tokens: Int32Array.of(ids[0]) });
+          const after = stage.hostTransfers;
           const last = (await stage.stats()).last;
           assert.ok(last);
           perStep[kv].push(last.hostToDevice + last.deviceToHost);
+          // the runtime's running totals (what the shard's metric reads) grew by exactly that step
+          assert.deepEqual(
+            [after.hostToDevice - before.hostToDevice, after.deviceToHost - before.deviceToHost],
+            [last.hostToDevice, last.deviceToHost],
+          );
           await stage.free(0);
         }
       } finally {
