@@ -8,6 +8,12 @@
 // two runs (decodes, then the chunk), measured side by side.
 // Usage: node dist/bench/stage.js [--dir DIR] [--runs N] [--no-write] [--mixed]   (DIR keeps the generated
 // checkpoints; --mixed runs only the mixed-step comparison and rewrites only its part of the Stage section)
+//
+// --device webgpu [--precisions fp16,int4] [--model small|layer|tiny] [--quick] [--device-gbps N]: the same table on
+// ONNX Runtime's WebGPU provider (KV arena on the device), plus the host↔device bytes of a decode step and the GB/s
+// against the device's read bandwidth (measured: ReduceSum over 1 GiB already on the device; --device-gbps adds the
+// nominal figure, e.g. 4800 for an H200). Prints only (never rewrites docs/benchmarks.md). --quick: context 128/512,
+// batch 1/4, 3 runs, no RSS probes (minutes on lavapipe with --model tiny).
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -19,7 +25,7 @@ import { parseEmu3Config } from '../lib/model/config.js';
 import { writeSafetensors } from '../lib/model/safetensors.js';
 import { tinyConfigJson, writeTinyEmu3 } from '../lib/model/tiny.js';
 import { GraphBuilder } from '../lib/onnx/graph.js';
-import type { Precision } from '../lib/onnx/stage-graph.js';
+import { type Device, PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
 import { type ForwardInput, StageRuntime } from '../lib/runtime/stage-runtime.js';
 import { Rng } from '../lib/util/rng.js';
 import { benchmarksPath, writeBenchSection } from './report.js';
@@ -30,9 +36,11 @@ const flag = (name: string) => {
   return i >= 0 ? args[i + 1] : undefined;
 };
 const benchDir = flag('dir') ?? join(tmpdir(), 'emu3-bench-stage');
-const RUNS = Number(flag('runs') ?? 7);
-const CTX = [128, 2048];
-const BATCH = [1, 4, 16];
+const DEVICE = (flag('device') ?? 'cpu') as Device;
+const QUICK = args.includes('--quick');
+const RUNS = Number(flag('runs') ?? (QUICK ? 3 : 7));
+const CTX = QUICK ? [128, 512] : [128, 2048];
+const BATCH = QUICK ? [1, 4] : [1, 4, 16];
 
 interface Model {
   name: string;
@@ -188,34 +196,45 @@ interface Row {
   prefill2048: number;
   decode: Record<string, number>;
   gbps: number;
+  /** Host↔device bytes of the last b1 ctx128 decode step (StageRuntime.stats). */
+  busBytes: number;
 }
 
 async function benchModel(model: Model, precision: Precision, int8Prefill = true): Promise<Row> {
   // A fresh cache per configuration, so that the first probe really builds and the second really loads.
   const variant = precision === 'int4' && !int8Prefill ? 'int4, no int8 path' : precision;
-  const cacheDir = join(benchDir, `cache-${model.layers.join('-')}-${precision}${int8Prefill ? '' : '-no-int8'}`);
+  const cacheDir = join(
+    benchDir,
+    `cache-${model.layers.join('-')}-${precision}${DEVICE === 'cpu' ? '' : `-${DEVICE}`}${int8Prefill ? '' : '-no-int8'}`,
+  );
   rmSync(cacheDir, { recursive: true, force: true });
-  const build = probe(model, precision, cacheDir, int8Prefill);
-  const load = probe(model, precision, cacheDir, int8Prefill);
+  const rss = DEVICE === 'cpu' && !QUICK;
+  const build = rss ? probe(model, precision, cacheDir, int8Prefill) : { ratio: Number.NaN, reused: false };
+  const load = rss ? probe(model, precision, cacheDir, int8Prefill) : { ratio: Number.NaN, reused: false };
+  const slots = Math.max(...BATCH);
   const rt = await StageRuntime.open({
     modelDir: model.dir,
     layers: model.layers,
     precision,
-    maxSequences: 16,
+    device: DEVICE,
+    maxSequences: slots,
     maxSequenceLength: Math.max(...CTX) + 8,
     cacheDir,
     int8Prefill,
+    log: DEVICE === 'cpu' ? undefined : (m) => console.error(m),
   });
   const D = rt.hiddenSize;
   // The embedding is a Gather (one row per token), so a decode step reads every weight except the table.
-  const readBytes = rt.weightBytes - (rt.isFirst ? rt.vocabSize * D * 4 : 0);
+  const tableBytes = precision === 'fp16' ? 2 : 4;
+  const readBytes = rt.weightBytes - (rt.isFirst ? rt.vocabSize * D * tableBytes : 0);
   const rng = new Rng(9);
   const input = (tokens: number): ForwardInput =>
     rt.isFirst
       ? { tokens: Int32Array.from({ length: tokens }, () => rng.nextU32() % 151643) }
       : { hidden: rng.fillNormal(new Float32Array(tokens * D), 1) };
-  // A 128-token prompt as one run, then a 2048-token prompt in runs of 512 (the coordinator's default chunk) into
-  // slot 0, each from position 0; then copy slot 0 to the others (KV contents do not change timing).
+  // A 128-token prompt as one run, then the longest context (2048) in runs of 512 (llama.cpp's default micro-batch)
+  // into slot 0, each from position 0; then copy slot 0 to the others (KV contents do not change timing).
+  const longest = Math.max(...CTX);
   await rt.forward([{ slot: 0, start: 0, length: 128 }], input(128)); // warm-up: first run at a new shape
   const short: number[] = [];
   for (let i = 0; i < RUNS; i++) {
@@ -223,17 +242,18 @@ async function benchModel(model: Model, precision: Precision, int8Prefill = true
     await rt.forward([{ slot: 0, start: 0, length: 128 }], input(128));
     short.push(128 / ((performance.now() - t) / 1000));
   }
-  const chunk = 512;
+  const chunk = Math.min(512, longest);
   const long: number[] = [];
   for (let i = 0; i < Math.min(RUNS, 3); i++) {
     const t = performance.now();
-    for (let start = 0; start < 2048; start += chunk)
+    for (let start = 0; start < longest; start += chunk)
       await rt.forward([{ slot: 0, start, length: chunk }], input(chunk));
-    long.push(2048 / ((performance.now() - t) / 1000));
+    long.push(longest / ((performance.now() - t) / 1000));
   }
-  for (let s = 1; s < 16; s++) await rt.copyKv(0, s, 2048);
+  for (let s = 1; s < slots; s++) await rt.copyKv(0, s, longest);
   const decode: Record<string, number> = {};
   let gbps = 0;
+  let busBytes = 0;
   for (const ctx of [...CTX].sort((a, b) => b - a)) {
     for (const batch of BATCH) {
       const items = Array.from({ length: batch }, (_, slot) => ({ slot, start: ctx, length: 1 }));
@@ -246,7 +266,11 @@ async function benchModel(model: Model, precision: Precision, int8Prefill = true
       }
       const step = median(times);
       decode[`${batch}@${ctx}`] = batch / step;
-      if (batch === 1 && ctx === 128) gbps = readBytes / step / 1e9;
+      if (batch === 1 && ctx === 128) {
+        gbps = readBytes / step / 1e9;
+        const last = (await rt.stats()).last;
+        busBytes = last ? last.hostToDevice + last.deviceToHost : 0;
+      }
     }
   }
   await rt.close();
@@ -262,6 +286,7 @@ async function benchModel(model: Model, precision: Precision, int8Prefill = true
     prefill2048: median(long),
     decode,
     gbps,
+    busBytes,
   };
 }
 
@@ -463,9 +488,10 @@ function table(rows: Row[], bw: { ort: number; js: number }): string {
     'prefill tok/s 2048',
     'GB/s b1 ctx128',
     'bw eff',
-    'ctx2048/ctx128 b1',
+    `ctx${CTX[1]}/ctx${CTX[0]} b1`,
     'RSS build',
     'RSS load',
+    'host↔device B/step b1',
   ];
   const lines = [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`];
   for (const r of rows) {
@@ -480,9 +506,10 @@ function table(rows: Row[], bw: { ort: number; js: number }): string {
         r.prefill2048.toFixed(1),
         r.gbps.toFixed(2),
         (r.gbps / machine).toFixed(2),
-        (r.decode['1@128'] / r.decode['1@2048']).toFixed(2),
-        r.buildRss.toFixed(2),
-        r.loadRss.toFixed(2),
+        (r.decode[`1@${CTX[0]}`] / r.decode[`1@${CTX[1]}`]).toFixed(2),
+        Number.isNaN(r.buildRss) ? '—' : r.buildRss.toFixed(2),
+        Number.isNaN(r.loadRss) ? '—' : r.loadRss.toFixed(2),
+        String(r.busBytes),
       ].join(' | ')} |`,
     );
   }
@@ -495,6 +522,10 @@ async function main(): Promise<void> {
     return;
   }
   mkdirSync(benchDir, { recursive: true });
+  if (DEVICE !== 'cpu') {
+    await deviceBench();
+    return;
+  }
   const started = Date.now();
   const models = [ensureSmall(), ensureRealLayer()];
   if (args.includes('--mixed')) {
@@ -533,6 +564,69 @@ async function main(): Promise<void> {
   ].join('\n');
   console.log(text);
   if (!args.includes('--no-write')) writeSection(text);
+}
+
+/** Device read bandwidth: ReduceSum over 1 GiB that already lies on the device (made there by ConstantOfShape). */
+async function deviceBandwidth(): Promise<number> {
+  const n = 2 ** 28;
+  const dir = join(benchDir, 'bw-device');
+  mkdirSync(dir, { recursive: true });
+  const make = new GraphBuilder(dir, 'make');
+  make.input('shape', 'int64', [1]);
+  make.op('ConstantOfShape', ['shape'], 'x', {
+    value: { tensor: { type: 'float', dims: [1], raw: new Uint8Array(4) } },
+  });
+  make.output('x', 'float', [n]);
+  const sum = new GraphBuilder(dir, 'sum');
+  sum.input('x', 'float', [n]);
+  sum.output(sum.op('ReduceSum', ['x'], 'y', { keepdims: 0 }), 'float', []);
+  const opts = { executionProviders: [DEVICE] };
+  const maker = await ort.InferenceSession.create(make.save(), { ...opts, preferredOutputLocation: 'gpu-buffer' });
+  const summer = await ort.InferenceSession.create(sum.save(), opts);
+  const x = (await maker.run({ shape: new ort.Tensor('int64', BigInt64Array.of(BigInt(n)), [1]) })).x;
+  const rates: number[] = [];
+  for (let i = 0; i < RUNS + 1; i++) {
+    const t0 = performance.now();
+    await summer.run({ x });
+    if (i > 0) rates.push((n * 4) / ((performance.now() - t0) / 1000) / 1e9);
+  }
+  x.dispose();
+  return median(rates);
+}
+
+function ensureTiny(): Model {
+  const dir = join(benchDir, 'tiny');
+  if (!existsSync(join(dir, 'config.json'))) writeTinyEmu3(dir, { seed: 1, preset: 'tiny', dtype: 'f32', shards: 1 });
+  return { name: 'tiny (4 layers + embed + lm_head)', dir, layers: [0, 4] };
+}
+
+async function deviceBench(): Promise<void> {
+  const started = Date.now();
+  const which = flag('model') ?? 'layer';
+  const model = which === 'tiny' ? ensureTiny() : which === 'small' ? ensureSmall() : ensureRealLayer();
+  const precisions = (flag('precisions') ?? 'fp16,int4').split(',') as Precision[];
+  for (const p of precisions) if (!PRECISIONS.includes(p)) throw new Error(`--precisions: unknown precision ${p}`);
+  const measured = await deviceBandwidth();
+  const nominal = flag('device-gbps') ? Number(flag('device-gbps')) : null;
+  console.error(`device read bandwidth: ReduceSum over 1 GiB on the device ${measured.toFixed(1)} GB/s`);
+  const rows: Row[] = [];
+  for (const precision of precisions) {
+    const row = await benchModel(model, precision);
+    console.error(JSON.stringify(row));
+    rows.push(row);
+  }
+  const machine = nominal ?? measured;
+  const lines = [
+    `Device ${DEVICE}${QUICK ? ' (--quick)' : ''}: ${model.name}, KV arena on the device.`,
+    table(rows, { ort: machine, js: 0 }),
+    '',
+    `Device read bandwidth: measured ${measured.toFixed(1)} GB/s (ReduceSum over 1 GiB on the device)` +
+      (nominal ? `, nominal ${nominal} GB/s (--device-gbps; "bw eff" uses it)` : ' ("bw eff" uses it)') +
+      '. RSS columns are not measured on a device. host↔device B/step: bytes fed from and returned to host memory by',
+    'one batch-1 decode step (StageRuntime.stats).',
+    `Total bench time ${((Date.now() - started) / 1000).toFixed(0)} s.`,
+  ];
+  console.log(lines.join('\n'));
 }
 
 function writeSection(text: string): void {

@@ -2,7 +2,7 @@
 // --steps, the greedy continuation computed with the KV cache. With --layers A-B covering only part of the model,
 // the remaining layers run as further stages in the same process, which is how to check a split.
 import { loadEmu3Config } from '../lib/model/config.js';
-import { DEVICES, PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
+import { DEVICES, defaultPrecision, PRECISIONS } from '../lib/onnx/stage-graph.js';
 import { type ForwardItem, StageRuntime } from '../lib/runtime/stage-runtime.js';
 import { UsageError } from './args.js';
 import type { Command } from './main.js';
@@ -12,14 +12,16 @@ export const command: Command = {
     name: 'logits',
     summary: 'print the top logits (and a greedy continuation) of a model for given token ids',
     usage:
-      'emu3 logits --model DIR --tokens 1,2,3 [--layers A-B] [--precision fp32|int4] [--device cpu|webgpu|cuda] [--top 20] [--steps N] [--cache-dir DIR]',
+      'emu3 logits --model DIR --tokens 1,2,3 [--layers A-B] [--precision fp32|int4|fp16] [--device cpu|webgpu|cuda] [--top 20] [--steps N] [--cache-dir DIR]',
     flags: {
       model: { help: 'model directory (config.json + safetensors), required' },
       tokens: { help: 'comma-separated token ids of the prompt, required' },
       layers: {
         help: 'run layers [A, B) as one stage and the rest as further stages (default: all layers in one stage)',
       },
-      precision: { help: 'weight precision: fp32 or int4 (MatMulNBits, block 32)', default: 'fp32' },
+      precision: {
+        help: 'weight precision: fp32, int4 (MatMulNBits, block 32) or fp16 (webgpu only; weights and KV in half); default fp16 on --device webgpu, else fp32',
+      },
       device: { help: 'where ORT runs the stages: cpu, webgpu or cuda (as emu3 shard --device)', default: 'cpu' },
       top: { help: 'how many of the highest logits to print', default: '20' },
       steps: { help: 'greedy continuation length (computed with the KV cache)', default: '0' },
@@ -31,8 +33,8 @@ export const command: Command = {
   async run(flags) {
     const modelDir = flags.required('model');
     const tokens = parseTokens(flags.required('tokens'));
-    const precision = flags.oneOf('precision', PRECISIONS) ?? ('fp32' as Precision);
     const device = flags.oneOf('device', DEVICES) ?? 'cpu';
+    const precision = flags.oneOf('precision', PRECISIONS) ?? defaultPrecision(device);
     const top = flags.int('top', 1, 1_000_000) ?? 20;
     const steps = flags.int('steps', 0, 1_000_000) ?? 0;
     const config = loadEmu3Config(modelDir);

@@ -1,7 +1,7 @@
 // `emu3 shard`: serve one pipeline stage (decoder layers [A, B)) over gRPC.
 
 import { loadEmu3Config } from '../lib/model/config.js';
-import { DEVICES, INT8_PATH_MIN_TOKENS, PRECISIONS, type Precision } from '../lib/onnx/stage-graph.js';
+import { DEVICES, defaultPrecision, INT8_PATH_MIN_TOKENS, PRECISIONS } from '../lib/onnx/stage-graph.js';
 import { checkListenable } from '../lib/rpc/serve.js';
 import { startServiceTelemetry, TELEMETRY_FLAGS } from '../lib/telemetry/service.js';
 import { shardTelemetry } from '../lib/telemetry/shard.js';
@@ -38,7 +38,9 @@ const spec: CommandSpec = {
       help: 'the coordinator ResultSink address(es), comma-separated (its --sink-advertise, else --sink-listen), the only ones this stage sends results and errors to; a micro-batch naming another is not run; required',
     },
     ...INTERNAL_SECURITY_FLAGS,
-    precision: { help: 'weight precision: fp32 or int4 (MatMulNBits, block 32)', default: 'fp32' },
+    precision: {
+      help: 'weight precision: fp32, int4 (MatMulNBits, block 32) or fp16 (webgpu only; weights and KV in half); default fp16 on --device webgpu, else fp32',
+    },
     device: {
       help: 'where ORT runs the stage: cpu, webgpu (ONNX Runtime WebGPU over Vulkan; docs/gpu.md) or cuda (needs ORT CUDA libraries)',
       default: 'cpu',
@@ -109,7 +111,7 @@ export const command: Command = {
       layers,
       address: flags.required('listen'),
       next: flags.string('next'),
-      precision: flags.oneOf('precision', PRECISIONS) ?? ('fp32' as Precision),
+      precision: flags.oneOf('precision', PRECISIONS) ?? defaultPrecision(flags.oneOf('device', DEVICES)),
       device: flags.oneOf('device', DEVICES) ?? 'cpu',
       int8Prefill: !flags.bool('no-int8-prefill'),
       kvBudgetBytes: flags.int('kv-budget', 1),

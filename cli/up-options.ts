@@ -3,7 +3,7 @@
 // numbers are in range, and extra child flags look like flags.
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { DEVICES, PRECISIONS } from '../lib/onnx/stage-graph.js';
+import { DEVICES, defaultPrecision, PRECISIONS } from '../lib/onnx/stage-graph.js';
 import { parseTokens } from '../lib/rpc/auth.js';
 import { parseAddress } from '../lib/rpc/serve.js';
 import { type CommandSpec, type Flags, UsageError } from './args.js';
@@ -31,7 +31,9 @@ export const upSpec: CommandSpec = {
       help: 'address of the OpenAI-compatible HTTP API (emu3 gateway, in this process; port 0 picks a free one; "off" for none)',
       default: '127.0.0.1:8000',
     },
-    precision: { help: `shard weight precision: ${PRECISIONS.join(' or ')}`, default: 'fp32' },
+    precision: {
+      help: `shard weight precision: ${PRECISIONS.join(', ')} (fp16: webgpu only); default fp16 on --device webgpu, else fp32`,
+    },
     device: {
       help: `where the shards and vq run ORT: ${DEVICES.join(', ')} (emu3 shard --device, emu3 vq --device; docs/gpu.md)`,
       default: 'cpu',
@@ -150,9 +152,9 @@ export function upOptions(flags: Flags): UpOptions {
     throw new UsageError(`up: --vq ${vqDir}: no config.json there`);
   if (vqDir === undefined && hasConfig && !existsSync(join(modelDir, 'vq', 'config.json')))
     throw new UsageError(`up: ${join(modelDir, 'vq')}: no config.json there (give the VQ directory with --vq DIR)`);
-  const precision = flags.oneOf('precision', PRECISIONS)!;
   const device = flags.oneOf('device', DEVICES)!;
   const deviceArgs = device === 'cpu' ? [] : ['--device', device];
+  const precision = flags.oneOf('precision', PRECISIONS) ?? defaultPrecision(device);
   const restart: RestartPolicy = {
     maxRestarts: flags.int('max-restarts', 0, 1000)!,
     windowMs: flags.int('restart-window-ms', 1, DAY_MS)!,

@@ -7,10 +7,11 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import type { Checkpoint } from '../model/checkpoint.js';
 import { GraphBuilder } from './graph.js';
-import { buildStageGraph, checkStageSpec, type StageShape, type StageSpec } from './stage-graph.js';
+import { buildKvCopyGraph, buildKvInitGraph, buildKvReadGraph } from './kv-graphs.js';
+import { buildStageGraph, checkStageSpec, kvElemType, type StageShape, type StageSpec } from './stage-graph.js';
 
 /** Bump when the graph layout changes, so old cache entries are not reused. */
-export const STAGE_GRAPH_VERSION = 8;
+export const STAGE_GRAPH_VERSION = 10;
 
 export interface CachedStage {
   onnxPath: string;
@@ -19,6 +20,8 @@ export interface CachedStage {
   /** Bytes of the external weight file. */
   weightBytes: number;
   shape: StageShape;
+  /** With spec.kvOnDevice: the arena's init and copy graphs (kv-graphs.ts), beside the stage graph. */
+  kvGraphs?: { init: string; copy: string; read: string };
 }
 
 /** `explicit`, else $EMU3_CACHE_DIR, else `<model dir>/.emu3-cache` if writable, else ~/.cache/emu3-serve. */
@@ -37,7 +40,7 @@ export function resolveCacheDir(modelDir: string, explicit?: string): string {
 
 export function stageCacheKey(fingerprint: string, spec: StageSpec): string {
   // A CPU graph's key is what it was before devices existed, so existing caches stay valid.
-  const device = spec.device && spec.device !== 'cpu' ? spec.device : '';
+  const device = `${spec.device && spec.device !== 'cpu' ? spec.device : ''}${spec.kvOnDevice ? '-kvdev' : ''}`;
   const noInt8 = spec.precision === 'int4' && spec.int8Prefill === false ? '\0no-int8-prefill' : '';
   const hash = createHash('sha256')
     .update(
@@ -62,7 +65,14 @@ export function ensureStageGraph(
   if (existsSync(metaPath)) {
     const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as { weightBytes: number; shape: StageShape };
     log(`stage graph: reusing cached ${dir}`);
-    return { onnxPath: join(dir, 'stage.onnx'), dir, reused: true, weightBytes: meta.weightBytes, shape: meta.shape };
+    return {
+      onnxPath: join(dir, 'stage.onnx'),
+      dir,
+      reused: true,
+      weightBytes: meta.weightBytes,
+      shape: meta.shape,
+      ...kvGraphPaths(dir, spec),
+    };
   }
   try {
     mkdirSync(root, { recursive: true });
@@ -79,6 +89,17 @@ export function ensureStageGraph(
     const g = new GraphBuilder(tmp, 'stage');
     const shape = buildStageGraph(g, ckpt, spec);
     g.save();
+    if (spec.kvOnDevice) {
+      for (const [name, build] of [
+        ['kv-init', buildKvInitGraph],
+        ['kv-copy', buildKvCopyGraph],
+        ['kv-read', (g: GraphBuilder) => buildKvReadGraph(g)],
+      ] as const) {
+        const kv = new GraphBuilder(tmp, name);
+        build(kv, kvElemType(spec.precision));
+        kv.save();
+      }
+    }
     writeFileSync(
       join(tmp, 'meta.json'),
       `${JSON.stringify({ spec, fingerprint: ckpt.fingerprint(), weightBytes: g.weightBytes, shape }, null, 2)}\n`,
@@ -93,9 +114,28 @@ export function ensureStageGraph(
     log(
       `stage graph: built in ${((Date.now() - started) / 1000).toFixed(1)} s (${(g.weightBytes / 2 ** 20).toFixed(1)} MiB of weights)`,
     );
-    return { onnxPath: join(dir, 'stage.onnx'), dir, reused: false, weightBytes: g.weightBytes, shape };
+    return {
+      onnxPath: join(dir, 'stage.onnx'),
+      dir,
+      reused: false,
+      weightBytes: g.weightBytes,
+      shape,
+      ...kvGraphPaths(dir, spec),
+    };
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
     throw e;
   }
+}
+
+function kvGraphPaths(dir: string, spec: StageSpec): Pick<CachedStage, 'kvGraphs'> {
+  return spec.kvOnDevice
+    ? {
+        kvGraphs: {
+          init: join(dir, 'kv-init.onnx'),
+          copy: join(dir, 'kv-copy.onnx'),
+          read: join(dir, 'kv-read.onnx'),
+        },
+      }
+    : {};
 }

@@ -34,17 +34,32 @@
 //
 // The KV arena is owned by JS and fed as inputs (ORT wraps inputs without copying); the graph returns only the new
 // positions' post-rotary K and V, which the runtime writes into the arena (docs/architecture.md, "Stage graphs and devices", "KV lifecycle").
+//
+// With `kvOnDevice` (webgpu) the arena lives on the device instead (lib/runtime/device-kv.ts), and the KV inputs and
+// outputs differ: each layer's whole arena is one input, each branch picks its rows by slot and computes its past
+// mask in the graph from the rows' past lengths (so no input grows with the context), and the graph returns the
+// arena with the new positions written (ScatterND), which stays on the device as the next run's input:
+//   layers.N.key_cache / value_cache float [slots, kvHeads, maxLen, headDim] → layers.N.key_cache_out / value_cache_out
+//   kv.write_index int64 [T, kvHeads, 3]: (slot, head, position) of each new token's K and V
+//   per branch, instead of b.past_mask and the past inputs: b.rows int64 [R] (slots), b.row_starts float [R, 1, 1, 1]
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
+import { floatToHalf } from '../model/dtype.js';
 import { concatFloat32 } from '../util/float32.js';
 import type { GraphBuilder, NodeDef, ValueInfo } from './graph.js';
 import { dequantizeInt4, type Int4Scheme, type Int4Weight, quantizeInt4 } from './int4.js';
 import { type Int8Columns, quantizeInt8Columns } from './int8.js';
 import { addSamplingHead } from './sampling-head.js';
 
-export type Precision = 'fp32' | 'int4';
-export const PRECISIONS: readonly Precision[] = ['fp32', 'int4'];
+/** fp16: weights (and a device KV arena) in IEEE half, activations and attention in fp32; webgpu only. */
+export type Precision = 'fp32' | 'int4' | 'fp16';
+export const PRECISIONS: readonly Precision[] = ['fp32', 'int4', 'fp16'];
+
+/** The precision a device runs when none is asked for: fp16 on webgpu (half the bytes to read per token), else fp32. */
+export function defaultPrecision(device: Device | undefined): Precision {
+  return device === 'webgpu' ? 'fp16' : 'fp32';
+}
 
 /**
  * Where a stage's ORT session runs: the CPU; ONNX Runtime's WebGPU execution provider (Dawn over Vulkan), which the
@@ -56,11 +71,11 @@ export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
 /** Every precision and op choice of the graph, decided in one place. */
 interface LinearPlan {
   /**
-   * fp32 Gemm; int4 MatMulNBits; int8: the int4 weights re-quantised per output channel to int8 and multiplied by
-   * activations quantised to uint8 per row (com.microsoft DynamicQuantizeMatMul, whose u8·s8 GEMM MLAS runs on AMX
-   * where the CPU has it: measured 2.5–3× MatMulNBits at 128–2048 rows here).
+   * fp32 Gemm; fp16 Gemm on half weights (webgpu); int4 MatMulNBits; int8: the int4 weights re-quantised per output
+   * channel to int8 and multiplied by activations quantised to uint8 per row (com.microsoft DynamicQuantizeMatMul,
+   * whose u8·s8 GEMM MLAS runs on AVX-512 VNNI, or AMX where the CPU has it: 2–3× MatMulNBits at 128–2048 rows here).
    */
-  kind: 'fp32' | 'int4' | 'int8';
+  kind: 'fp32' | 'int4' | 'int8' | 'fp16';
   scheme: Int4Scheme;
   /** MatMulNBits accuracy_level: 4 = int8 compute, the fast CPU path (measured fastest here). */
   accuracyLevel: number;
@@ -76,7 +91,7 @@ function linearPlan(precision: Precision, device: Device): LinearPlan {
   const fusedScores = device !== 'webgpu';
   return precision === 'int4'
     ? { kind: 'int4', scheme: 'asymmetric', accuracyLevel: 4, fusedScores }
-    : { kind: 'fp32', scheme: 'asymmetric', accuracyLevel: 0, fusedScores };
+    : { kind: precision, scheme: 'asymmetric', accuracyLevel: 0, fusedScores };
 }
 
 /**
@@ -103,6 +118,8 @@ export interface StageSpec {
   device?: Device;
   /** int4 on cpu: carry the int8 prefill path (default true; see hasInt8Prefill). */
   int8Prefill?: boolean;
+  /** The KV arena as device-resident graph inputs and outputs (see the header); default false (JS-owned arena). */
+  kvOnDevice?: boolean;
 }
 
 export interface StageShape {
@@ -117,6 +134,8 @@ export interface StageShape {
   layers: number[];
   /** The graph has the int8 prefill path and its `int8_path` input (hasInt8Prefill). */
   int8Prefill: boolean;
+  /** The sampling head's on-device variant (webgpu): its feeds are deviceSamplingFeeds. */
+  deviceSampling?: boolean;
 }
 
 export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
@@ -130,6 +149,7 @@ export function stageShape(config: Emu3Config, spec: StageSpec): StageShape {
     headDim: config.headDim,
     layers: Array.from({ length: spec.end - spec.first }, (_, i) => spec.first + i),
     int8Prefill: hasInt8Prefill(spec),
+    ...(spec.device === 'webgpu' ? { deviceSampling: true } : {}),
   };
 }
 
@@ -154,6 +174,13 @@ export const io = {
   newKey: (layer: number) => `layers.${layer}.new_key`,
   newValue: (layer: number) => `layers.${layer}.new_value`,
   int8Path: 'int8_path',
+  keyCache: (layer: number) => `layers.${layer}.key_cache`,
+  valueCache: (layer: number) => `layers.${layer}.value_cache`,
+  keyCacheOut: (layer: number) => `layers.${layer}.key_cache_out`,
+  valueCacheOut: (layer: number) => `layers.${layer}.value_cache_out`,
+  kvWriteIndex: 'kv.write_index',
+  branchRows: (b: Branch) => `${b}.rows`,
+  rowStarts: (b: Branch) => `${b}.row_starts`,
 };
 
 const MS = 'com.microsoft';
@@ -172,6 +199,9 @@ interface Ctx {
   positions: string;
   cos: string;
   sin: string;
+  kvOnDevice: boolean;
+  /** 0, 1, … as floats (the device past mask's positions), made on first use. */
+  kvPositions?: string;
   /** Slice constants. */
   zero: string;
   big: string;
@@ -197,6 +227,8 @@ export function checkStageSpec(config: Emu3Config, spec: StageSpec): void {
     throw new Error(`precision "${spec.precision}" is not one of ${PRECISIONS.join('|')}`);
   if (spec.device !== undefined && !DEVICES.includes(spec.device))
     throw new Error(`device "${spec.device}" is not one of ${DEVICES.join('|')}`);
+  if (spec.precision === 'fp16' && spec.device !== 'webgpu')
+    throw new Error(`precision fp16 needs device webgpu (got ${spec.device ?? 'cpu'}): use fp32 or int4 there`);
 }
 
 /** Adds the whole stage to `g` (the caller saves it). Reads and writes one tensor at a time. */
@@ -213,13 +245,17 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     'positions',
   );
   g.input(io.tokenRows, 'int64', ['tokens']);
+  const kvOnDevice = spec.kvOnDevice === true;
   for (const b of BRANCHES) {
     g.input(io.branchTokens(b), 'int64', [`${b}_rows`, b === 'decode' ? 1 : 'chunk_len']);
     g.input(io.pastLength(b), 'int64', [1]);
-    g.input(io.pastMask(b), 'float', [`${b}_rows`, 1, 1, `${b}_past_len`]);
+    if (kvOnDevice) {
+      g.input(io.branchRows(b), 'int64', [`${b}_rows`]);
+      g.input(io.rowStarts(b), 'float', [`${b}_rows`, 1, 1, 1]);
+    } else g.input(io.pastMask(b), 'float', [`${b}_rows`, 1, 1, `${b}_past_len`]);
   }
+  if (kvOnDevice) g.input(io.kvWriteIndex, 'int64', ['tokens', c.numKeyValueHeads, 3]);
   g.input(io.causalMask, 'float', [1, 1, 'chunk_group_rows', 'chunk_len']);
-  const chunkMask = joinChunkMask(g);
   const [cos, sin] = rotaryTables(g, c);
   const ctx: Ctx = {
     g,
@@ -232,18 +268,21 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
     positions,
     cos,
     sin,
+    kvOnDevice,
     zero: g.constInt64('slice.zero', [0]),
     big: g.constInt64('slice.end', [2 ** 31 - 1]),
     axis2: g.constInt64('slice.axis2', [2]),
     axis3: g.constInt64('slice.axis3', [3]),
-    chunkMask,
+    chunkMask: '',
   };
+  ctx.chunkMask = joinChunkMask(g, kvOnDevice ? devicePastMask(ctx, 'chunk') : io.pastMask('chunk'));
 
   const input = tokens ? embed(ctx, tokens) : (hiddenIn as string);
   const h = shape.int8Prefill ? layersWithInt8Path(ctx, shape, input) : layerStack(ctx, shape, input);
   if (shape.isLast) {
     g.output(lmHead(ctx, h), 'float', ['batch', c.vocabSize]);
-    addSamplingHead(g, io.logits, c.vocabSize); // sampling.* inputs/outputs (sampling-head.ts)
+    // sampling.* inputs/outputs (sampling-head.ts); on webgpu the variant with every node on the device
+    addSamplingHead(g, io.logits, c.vocabSize, { onDevice: shape.deviceSampling });
   } else {
     g.output(g.op('Identity', [h], io.hiddenOut), 'float', ['tokens', c.hiddenSize]);
   }
@@ -251,8 +290,7 @@ export function buildStageGraph(g: GraphBuilder, ckpt: Checkpoint, spec: StageSp
 }
 
 /** Concat(causal mask broadcast to every row, past mask broadcast to every query): built once, read by every layer. */
-function joinChunkMask(g: GraphBuilder): string {
-  const past = io.pastMask('chunk');
+function joinChunkMask(g: GraphBuilder, past: string): string {
   const one = g.constInt64('chunk.mask.one', [1]);
   const rows = g.op('Shape', [past], 'chunk.mask.rows', { start: 0, end: 1 });
   const queries = g.op('Shape', [io.causalMask], 'chunk.mask.queries', { start: 2, end: 3 });
@@ -275,6 +313,7 @@ function layerStack(ctx: Ctx, shape: StageShape, input: string): string {
   for (const layer of shape.layers) {
     const kv = { key: io.newKey(layer), value: io.newValue(layer) };
     h = decoderLayer(ctx, layer, h, kv);
+    if (ctx.kvOnDevice) continue; // the arena outputs carry the new K/V (writeCache)
     ctx.g.output(kv.key, 'float', ['tokens', ctx.c.numKeyValueHeads * ctx.c.headDim]);
     ctx.g.output(kv.value, 'float', ['tokens', ctx.c.numKeyValueHeads * ctx.c.headDim]);
   }
@@ -325,16 +364,35 @@ function layersWithInt8Path(ctx: Ctx, shape: StageShape, input: string): string 
   return h;
 }
 
-/** h = embed_tokens[input_ids], kept in fp32 whatever the precision. */
+/** h = embed_tokens[input_ids], kept in fp32 whatever the precision (fp16: the table is half, the rows cast back). */
 function embed(ctx: Ctx, tokens: string): string {
   const { g, c } = ctx;
-  const table = g.weight(
-    'embed_tokens',
-    'float',
-    [c.vocabSize, c.hiddenSize],
-    ctx.ckpt.read(tensorNames.embed, [c.vocabSize, c.hiddenSize]),
-  );
+  const rows = ctx.ckpt.read(tensorNames.embed, [c.vocabSize, c.hiddenSize]);
+  if (ctx.plan.kind === 'fp16') {
+    const table = g.weight('embed_tokens', 'float16', [c.vocabSize, c.hiddenSize], toHalf(rows));
+    return g.op('Cast', [g.op('Gather', [table, tokens], 'embed_half', { axis: 0 })], 'embed', { to: FLOAT });
+  }
+  const table = g.weight('embed_tokens', 'float', [c.vocabSize, c.hiddenSize], rows);
   return g.op('Gather', [table, tokens], 'embed', { axis: 0 });
+}
+
+const FLOAT = 1;
+const FLOAT16 = 10;
+
+function toHalf(x: Float32Array): Uint16Array {
+  const out = new Uint16Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = floatToHalf(x[i]);
+  return out;
+}
+
+/** The element type of a device KV arena: half with fp16 weights, else float. */
+export function kvElemType(precision: Precision): 'float' | 'float16' {
+  return precision === 'fp16' ? 'float16' : 'float';
+}
+
+/** Bytes per element of a device KV arena (kvElemType). */
+export function kvElementBytes(precision: Precision): number {
+  return precision === 'fp16' ? 2 : 4;
 }
 
 /** Names for the layer's new K and V (post-rotary), which the caller makes graph or branch outputs. */
@@ -414,6 +472,10 @@ function attention(ctx: Ctx, layer: number, a: string, kv: KvNames): string {
   const qRot = flat(rotary(ctx, `${p}.q_rot`, q, c.numAttentionHeads), qDim, `${p}.q_flat`);
   const kRot = flat(rotary(ctx, `${p}.k_rot`, k, c.numKeyValueHeads), kvDim, kv.key);
   const vNew = flat(v, kvDim, kv.value);
+  if (ctx.kvOnDevice) {
+    writeCache(ctx, io.keyCache(layer), io.keyCacheOut(layer), kRot);
+    writeCache(ctx, io.valueCache(layer), io.valueCacheOut(layer), vNew);
+  }
   const branchRows = BRANCHES.map((b) => attend(ctx, layer, b, qRot, kRot, vNew));
   const rowsOut = g.op('Concat', branchRows, `${p}.branch_rows`, { axis: 0 });
   const attn = g.op('Gather', [rowsOut, io.tokenRows], `${p}.out`, { axis: 0 });
@@ -457,8 +519,18 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
       ctx.shared.set(name, g.input(name, 'float', [`${branch}_rows`, KV, `${branch}_max_len`, d]));
     return g.op('Slice', [name, ctx.zero, pastLength, ctx.axis2], `${ctx.prefix}${name}.used`);
   };
-  const kPast = arena(io.pastKey(layer, branch));
-  const vPast = arena(io.pastValue(layer, branch));
+  // On the device: the used positions of the whole arena, then the branch's rows (slots) among them.
+  const resident = (cache: string) => {
+    const rows = g.op(
+      'Gather',
+      [g.op('Slice', [cache, ctx.zero, pastLength, ctx.axis2], `${p}.${cache}.used`), io.branchRows(branch)],
+      `${p}.${cache}.rows`,
+      { axis: 0 },
+    );
+    return ctx.plan.kind === 'fp16' ? g.op('Cast', [rows], `${p}.${cache}.rows_float`, { to: FLOAT }) : rows;
+  };
+  const kPast = ctx.kvOnDevice ? resident(io.keyCache(layer)) : arena(io.pastKey(layer, branch));
+  const vPast = ctx.kvOnDevice ? resident(io.valueCache(layer)) : arena(io.pastValue(layer, branch));
   const scale = 1 / Math.sqrt(d);
   const scores = (x: string, name: string) =>
     ctx.plan.fusedScores
@@ -484,7 +556,8 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
     const probs = g.op('Softmax', [masked], `${p}.probs`, { axis: -1 });
     out = g.op('MatMul', [probs, vAll], `${p}.out4`);
   } else {
-    const sPast = g.op('Add', [scores(kPast, 'scores_past'), io.pastMask(branch)], `${p}.scores_past_masked`);
+    const pastMask = ctx.kvOnDevice ? devicePastMask(ctx, branch) : io.pastMask(branch);
+    const sPast = g.op('Add', [scores(kPast, 'scores_past'), pastMask], `${p}.scores_past_masked`);
     // A decode row's one new key is its own position: always visible, no mask.
     const sNew = scores(kNew, 'scores_new');
     const probs = g.op('Softmax', [g.op('Concat', [sNew, sPast], `${p}.scores`, { axis: 3 })], `${p}.probs`, {
@@ -503,6 +576,42 @@ function attend(ctx: Ctx, layer: number, branch: Branch, qFlat: string, kFlat: s
   const o5 = g.op('Reshape', [out, shape('o5_shape', [0, 0, G, -1, d])], `${p}.o5`);
   const oT = g.op('Transpose', [o5], `${p}.o5t`, { perm: [0, 3, 1, 2, 4] });
   return g.op('Reshape', [oT, shape('out_shape', [-1, c.numAttentionHeads * d])], `${p}.out`);
+}
+
+/**
+ * The device arena's input and its updated copy: ScatterND writes each new token's K or V ([T, kvHeads·d] →
+ * [T, kvHeads, d]) at kv.write_index. ORT gives the output a new buffer (it neither updates a graph input in place
+ * nor fills a pre-allocated fetch through the node binding), so the kernel first copies the arena on the device.
+ */
+function writeCache(ctx: Ctx, cache: string, out: string, flatNew: string): void {
+  const { g, c } = ctx;
+  const type = ctx.plan.kind === 'fp16' ? 'float16' : 'float';
+  g.input(cache, type, ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
+  const shaped = g.op(
+    'Reshape',
+    [flatNew, g.constInt64(`${out}.updates_shape`, [-1, c.numKeyValueHeads, c.headDim])],
+    `${out}.updates`,
+  );
+  const updates = type === 'float16' ? g.op('Cast', [shaped], `${out}.updates_half`, { to: FLOAT16 }) : shaped;
+  g.op('ScatterND', [cache, io.kvWriteIndex, updates], out);
+  g.output(out, type, ['slots', c.numKeyValueHeads, 'max_len', c.headDim]);
+}
+
+/** b.past_mask computed on the device: 0 where position j < the row's past length, −inf elsewhere; [R, 1, 1, P]. */
+function devicePastMask(ctx: Ctx, branch: Branch): string {
+  const { g, c } = ctx;
+  const p = `${branch}.device_mask`;
+  ctx.kvPositions ??= g.constFloat(
+    'kv.positions',
+    Array.from({ length: c.maxPositionEmbeddings }, (_, j) => j),
+  );
+  const used = g.op('Slice', [ctx.kvPositions, ctx.zero, io.pastLength(branch)], `${p}.positions`);
+  const visible = g.op('Less', [used, io.rowStarts(branch)], `${p}.visible`);
+  return g.op(
+    'Where',
+    [visible, g.constFloat(`${p}.zero`, [0], []), g.constFloat(`${p}.ninf`, [Number.NEGATIVE_INFINITY], [])],
+    p,
+  );
 }
 
 /** x·cos + rotate_half(x)·sin with positions per token (NOT interleaved). */
@@ -547,7 +656,8 @@ function lmHead(ctx: Ctx, h: string): string {
 }
 
 /**
- * y = x · Wᵀ for a torch-layout [out, in] weight: Gemm(transB) in fp32, MatMulNBits in int4, the int8 path's
+ * y = x · Wᵀ for a torch-layout [out, in] weight: Gemm(transB) in fp32; in fp16 the same on x cast to half, the
+ * product cast back (so norms, rotary and softmax stay fp32); MatMulNBits in int4; the int8 path's
  * DynamicQuantizeMatMul (linearInt8). `name` names the weights (the same in both If branches: the int8 branch
  * re-quantises the int4 branch's weight of that name); node names get the branch prefix.
  */
@@ -557,6 +667,11 @@ function linear(ctx: Ctx, name: string, weight: () => Float32Array, out: number,
   if (plan.kind === 'fp32') {
     const w = g.weight(`${name}.weight`, 'float', [out, inp], weight());
     return g.op('Gemm', [x, w], node, { transB: 1 });
+  }
+  if (plan.kind === 'fp16') {
+    const w = g.weight(`${name}.weight`, 'float16', [out, inp], toHalf(weight()));
+    const xHalf = g.op('Cast', [x], `${node}.in_half`, { to: FLOAT16 });
+    return g.op('Cast', [g.op('Gemm', [xHalf, w], `${node}.half`, { transB: 1 })], node, { to: FLOAT });
   }
   if (plan.kind === 'int8') {
     const q = ctx.int4.get(name);

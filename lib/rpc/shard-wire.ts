@@ -38,6 +38,7 @@ export interface ShardInfo {
   lease_ms: number;
   epoch: number;
   device: string;
+  adapter: string;
 }
 
 export interface KvCopy {

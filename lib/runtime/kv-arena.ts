@@ -24,11 +24,18 @@ export class KvArena {
   /** Filled-prefix tokens moved by relocations so far (for tests and metrics). */
   movedTokens = 0;
 
-  constructor(readonly shape: ArenaShape) {
+  /**
+   * `hostBuffers` false keeps only the slot bookkeeping (filled, rows): a device-resident arena (device-kv.ts) holds
+   * the data, and its rows never move.
+   */
+  constructor(
+    readonly shape: ArenaShape,
+    hostBuffers = true,
+  ) {
     const { layers, rows, kvHeads, maxLen, headDim } = shape;
     this.headSize = maxLen * headDim;
     this.rowSize = kvHeads * this.headSize;
-    for (let l = 0; l < layers; l++) {
+    for (let l = 0; l < layers && hostBuffers; l++) {
       this.keys.push(new Float32Array(rows * this.rowSize));
       this.values.push(new Float32Array(rows * this.rowSize));
     }

@@ -27,6 +27,23 @@ export interface SampledOutput {
   fullRows: (Float32Array | null)[];
 }
 
+/**
+ * Bytes of host memory fed to a stage's session runs and returned from them (on a device these cross the bus; on the
+ * cpu they are the same counts, of memory that stays put), since the stage started, and of its last run.
+ */
+export interface TransferStats {
+  runs: number;
+  hostToDevice: number;
+  deviceToHost: number;
+  last: { hostToDevice: number; deviceToHost: number } | null;
+}
+
+/** Host↔device bytes of one request (a forward's run, a copyKv's copies). */
+export interface HostTransfer {
+  hostToDevice: number;
+  deviceToHost: number;
+}
+
 /** What the worker is started with: the runtime's options less the log callback (which cannot cross threads). */
 export type WorkerInit = Omit<StageRuntimeOptions, 'log'>;
 
@@ -36,19 +53,23 @@ export interface ReadyInfo {
   weightBytes: number;
   reusedGraph: boolean;
   onnxPath: string;
+  /** The webgpu adapter's name ('' on cpu): gpu-adapter.ts. */
+  adapter: string;
+  kv: 'host' | 'device';
 }
 
 export type Request =
   | { id: number; type: 'forward'; items: ForwardItem[]; input: ForwardInput; sampling?: SamplingRow[] }
   | { id: number; type: 'copyKv'; from: number; to: number; length: number }
   | { id: number; type: 'free'; slot: number }
+  | { id: number; type: 'stats' }
   | { id: number; type: 'close' };
 
 export type Reply =
   | { type: 'log'; message: string }
   | { type: 'ready'; info: ReadyInfo }
   | { type: 'failed'; error: string }
-  | { type: 'result'; id: number; output?: ForwardOutput }
+  | { type: 'result'; id: number; output?: ForwardOutput; stats?: TransferStats; transfer?: HostTransfer }
   | { type: 'error'; id: number; error: string };
 
 /**

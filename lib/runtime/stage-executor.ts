@@ -4,10 +4,18 @@
 // chunks padded to the longest), places each branch's sequences on contiguous arena rows, and writes the new K/V
 // of each item back into the arena.
 import ort from 'onnxruntime-node';
-import { NEUTRAL_ROW, runTopK, type SamplingRow, samplingFeeds, samplingIo } from '../onnx/sampling-head.js';
+import {
+  deviceSamplingFeeds,
+  NEUTRAL_ROW,
+  runTopK,
+  type SamplingRow,
+  samplingFeeds,
+  samplingIo,
+} from '../onnx/sampling-head.js';
 import { type Branch, INT8_PATH_MIN_TOKENS, io, type StageShape } from '../onnx/stage-graph.js';
+import type { DeviceKv } from './device-kv.js';
 import { KvArena } from './kv-arena.js';
-import type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
+import type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput, TransferStats } from './protocol.js';
 
 /** What the executor needs of an ORT session (a seam: tests wrap a real session to count its runs). */
 export interface StageSession {
@@ -23,27 +31,39 @@ interface BranchPlan {
   firstRow: number;
 }
 
+/** Bytes of a tensor in host memory (what ORT copies to a device when fed, or copied back when returned). */
+export function hostBytes(t: ort.OnnxValue): number {
+  return t.location === 'cpu' ? (t.data as ArrayBufferView).byteLength : 0;
+}
+
 export class StageExecutor {
   readonly arena: KvArena;
   private readonly dummyPast: Float32Array;
   /** Runs of at least this many tokens take the int8 path, where the graph has one (StageShape.int8Prefill). */
   readonly int8MinTokens: number;
+  /** Host memory fed to and returned by the stage's runs (and device KV copies), since start. */
+  readonly transfers: TransferStats = { runs: 0, hostToDevice: 0, deviceToHost: 0, last: null };
 
+  /** With `deviceKv` the arena lives on the device and the session is the kvOnDevice graph (stage-graph.ts). */
   constructor(
     private readonly session: StageSession,
     readonly shape: StageShape,
     readonly maxSequences: number,
     readonly maxSequenceLength: number,
+    private readonly deviceKv?: DeviceKv,
     opts: { int8MinTokens?: number } = {},
   ) {
     this.int8MinTokens = opts.int8MinTokens ?? INT8_PATH_MIN_TOKENS;
-    this.arena = new KvArena({
-      layers: shape.layers.length,
-      rows: maxSequences,
-      kvHeads: shape.kvHeads,
-      maxLen: maxSequenceLength,
-      headDim: shape.headDim,
-    });
+    this.arena = new KvArena(
+      {
+        layers: shape.layers.length,
+        rows: maxSequences,
+        kvHeads: shape.kvHeads,
+        maxLen: maxSequenceLength,
+        headDim: shape.headDim,
+      },
+      !deviceKv,
+    );
     this.dummyPast = new Float32Array(shape.kvHeads * shape.headDim);
   }
 
@@ -60,21 +80,47 @@ export class StageExecutor {
     }
     // The head's inputs are always fed (checked before anything moves); only the fetched outputs are computed.
     const rows = sampling ?? items.map(() => NEUTRAL_ROW);
-    const head = this.shape.isLast ? samplingFeeds(rows, V, sampling ? k : undefined) : {};
+    const hostHead = this.shape.isLast ? samplingFeeds(rows, V, sampling ? k : undefined) : {};
+    const head = this.shape.isLast && this.shape.deviceSampling ? deviceSamplingFeeds(hostHead) : hostHead;
     const feeds = this.layout(items, input, offsets);
     for (const [name, t] of Object.entries(head)) feeds[name] = new ort.Tensor(t.type, t.data, t.dims);
-    const fetches = this.shape.layers.flatMap((layer) => [io.newKey(layer), io.newValue(layer)]);
-    if (this.shape.isLast) {
+    const kv = this.deviceKv;
+    const fetches = this.shape.layers.flatMap((layer) =>
+      kv ? [io.keyCacheOut(layer), io.valueCacheOut(layer)] : [io.newKey(layer), io.newValue(layer)],
+    );
+    // A device-KV session runs through the binding's IO binding, which keeps every output it ever bound: each run must
+    // fetch the same outputs (device-kv.ts), so a last stage fetches all of them, the logits and full rows staying on
+    // the device unless this run wants them.
+    const allOutputs = kv !== undefined && this.shape.isLast;
+    if (allOutputs) fetches.push(io.logits, samplingIo.topIds, samplingIo.topLogprobs, samplingIo.logprobs);
+    else if (this.shape.isLast) {
       if (!sampling) fetches.push(io.logits);
       else {
         fetches.push(samplingIo.topIds, samplingIo.topLogprobs);
         if (rows.some((r) => r.fullRow)) fetches.push(samplingIo.logprobs);
       }
     } else fetches.push(io.hiddenOut);
-    const result = await this.session.run(feeds, fetches);
+    const result = await this.run(feeds, fetches);
+    if (allOutputs && kv) {
+      const wanted = !sampling ? io.logits : rows.some((r) => r.fullRow) ? samplingIo.logprobs : null;
+      for (const name of [io.logits, samplingIo.logprobs]) {
+        const t = result[name] as ort.Tensor;
+        if (name === wanted) {
+          const host = await kv.download(t);
+          this.transfers.deviceToHost += host.byteLength;
+          if (this.transfers.last) this.transfers.last.deviceToHost += host.byteLength;
+          result[name] = new ort.Tensor('float32', host, t.dims);
+        }
+        t.dispose();
+      }
+    }
     const data = (name: string) => (result[name] as ort.Tensor).data;
     const { kvHeads, headDim } = this.shape;
     this.shape.layers.forEach((layer, l) => {
+      if (kv) {
+        kv.replace(l, result[io.keyCacheOut(layer)] as ort.Tensor, result[io.valueCacheOut(layer)] as ort.Tensor);
+        return;
+      }
       const newKey = data(io.newKey(layer)) as Float32Array;
       const newValue = data(io.newValue(layer)) as Float32Array;
       items.forEach((item, i) => {
@@ -94,7 +140,23 @@ export class StageExecutor {
     return sampled;
   }
 
-  copyKv(from: number, to: number, length: number): void {
+  /** One session run, counting the host memory it feeds and gets back. */
+  private async run(feeds: Record<string, ort.Tensor>, fetches: string[]): Promise<Record<string, ort.OnnxValue>> {
+    const hostToDevice = Object.values(feeds).reduce((n, t) => n + hostBytes(t), 0);
+    const result = await this.session.run(feeds, fetches);
+    const deviceToHost = Object.values(result).reduce((n, t) => n + hostBytes(t), 0);
+    this.count(hostToDevice, deviceToHost);
+    return result;
+  }
+
+  private count(hostToDevice: number, deviceToHost: number): void {
+    this.transfers.runs++;
+    this.transfers.hostToDevice += hostToDevice;
+    this.transfers.deviceToHost += deviceToHost;
+    this.transfers.last = { hostToDevice, deviceToHost };
+  }
+
+  async copyKv(from: number, to: number, length: number): Promise<void> {
     this.checkSlot(from, 'from');
     this.checkSlot(to, 'to');
     if (!Number.isInteger(length) || length < 0 || length > this.arena.filled[from]) {
@@ -102,7 +164,12 @@ export class StageExecutor {
         `copyKv: length ${length} must be an integer in [0, ${this.arena.filled[from]}] (tokens cached in slot ${from})`,
       );
     }
-    this.arena.copy(from, to, length);
+    if (this.deviceKv) {
+      // Only the copy's index lists cross (two [length·kvHeads, 3] int64 tensors per tensor copied).
+      await this.deviceKv.copyPrefix(this.arena.row(from), this.arena.row(to), length);
+      if (from !== to && length > 0) this.count(2 * this.shape.layers.length * 2 * length * this.shape.kvHeads * 24, 0);
+      this.arena.filled[to] = length;
+    } else this.arena.copy(from, to, length);
   }
 
   free(slot: number): void {
@@ -149,8 +216,16 @@ export class StageExecutor {
       rowBase += R * length;
       feeds[io.branchTokens(branch)] = new ort.Tensor('int64', index, [R, length]);
       const starts = members.length > 0 ? members.map((i) => items[i].start) : [1];
-      for (const [name, t] of Object.entries(branchMasks(branch, starts))) feeds[name] = t;
       if (branch === 'chunk') feeds[io.causalMask] = causalMask(length, this.shape.heads / kvHeads);
+      if (this.deviceKv) {
+        // The rows are the slots (a device arena never moves); an empty branch reads slot 0's first position.
+        const slots = members.length > 0 ? members.map((i) => items[i].slot) : [0];
+        feeds[io.branchRows(branch)] = new ort.Tensor('int64', BigInt64Array.from(slots, BigInt), [R]);
+        feeds[io.rowStarts(branch)] = new ort.Tensor('float32', Float32Array.from(starts), [R, 1, 1, 1]);
+        feeds[io.pastLength(branch)] = new ort.Tensor('int64', BigInt64Array.of(BigInt(Math.max(1, ...starts))), [1]);
+        continue;
+      }
+      for (const [name, t] of Object.entries(branchMasks(branch, starts))) feeds[name] = t;
       this.shape.layers.forEach((layer, l) => {
         // An empty branch runs on one zero past position (the dummy row): cheap, and nothing reads its output.
         const view =
@@ -162,6 +237,21 @@ export class StageExecutor {
     }
     feeds[io.tokenRows] = new ort.Tensor('int64', tokenRows, [T]);
     if (this.shape.int8Prefill) feeds[io.int8Path] = new ort.Tensor('bool', [T >= this.int8MinTokens], []);
+    if (this.deviceKv) {
+      const kv = this.deviceKv;
+      this.shape.layers.forEach((layer, l) => {
+        feeds[io.keyCache(layer)] = kv.keys[l];
+        feeds[io.valueCache(layer)] = kv.values[l];
+      });
+      const write = new BigInt64Array(T * kvHeads * 3);
+      items.forEach((item, i) => {
+        for (let t = 0; t < item.length; t++) {
+          for (let h = 0; h < kvHeads; h++)
+            write.set([BigInt(item.slot), BigInt(h), BigInt(item.start + t)], ((offsets[i] + t) * kvHeads + h) * 3);
+        }
+      });
+      feeds[io.kvWriteIndex] = new ort.Tensor('int64', write, [T, kvHeads, 3]);
+    }
     return feeds;
   }
 
@@ -172,6 +262,13 @@ export class StageExecutor {
     items.forEach((item, i) => {
       (item.length === 1 ? decode : chunk).push(i);
     });
+    if (this.deviceKv) {
+      const length = Math.max(1, ...chunk.map((i) => items[i].length));
+      return [
+        { branch: 'decode', members: decode, length: 1, firstRow: 0 },
+        { branch: 'chunk', members: chunk, length, firstRow: 0 },
+      ];
+    }
     const slots = (members: number[]) => members.map((i) => items[i].slot);
     const [decodeRow, chunkRow] = this.arena.arrange([slots(decode), slots(chunk)]);
     const byRow = (members: number[]) =>

@@ -20,11 +20,23 @@ import {
   type ReadyInfo,
   type Reply,
   type Request,
+  type TransferStats,
   type WorkerInit,
 } from './protocol.js';
 
 export type { SamplingRow } from '../onnx/sampling-head.js';
-export type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput } from './protocol.js';
+export type { ForwardInput, ForwardItem, ForwardOutput, SampledOutput, TransferStats } from './protocol.js';
+
+export type KvPlacement = 'host' | 'device';
+
+/** The arena's placement for these options (see StageRuntimeOptions.kv); device needs the webgpu device. */
+export function kvPlacement(opts: Pick<StageRuntimeOptions, 'device' | 'kv'>): KvPlacement {
+  const kv = opts.kv ?? (opts.device === 'webgpu' ? 'device' : 'host');
+  if (kv !== 'host' && kv !== 'device') throw new Error(`kv "${kv}" is not one of host|device`);
+  if (kv === 'device' && opts.device !== 'webgpu')
+    throw new Error(`kv device needs device webgpu (got ${opts.device ?? 'cpu'})`);
+  return kv;
+}
 
 export interface StageRuntimeOptions {
   modelDir: string;
@@ -33,6 +45,11 @@ export interface StageRuntimeOptions {
   precision: Precision;
   /** Where ORT runs the stage (default cpu). */
   device?: Device;
+  /**
+   * Where the KV arena lives: host (JS memory, fed to every run) or device (resident on the webgpu device, only
+   * hidden states and results cross: device-kv.ts). Default: device on webgpu, host otherwise.
+   */
+  kv?: KvPlacement;
   maxSequences: number;
   maxSequenceLength: number;
   /**
@@ -62,10 +79,11 @@ function movable(input: ForwardInput): { input: ForwardInput; transfer: ArrayBuf
 }
 
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
-type Pending = { resolve: (v: ForwardOutput | undefined) => void; reject: (e: Error) => void };
+type Pending = { resolve: (v: ForwardOutput | TransferStats | undefined) => void; reject: (e: Error) => void };
 
 export class StageRuntime {
   private nextId = 1;
+  private readonly transferred = { hostToDevice: 0, deviceToHost: 0 };
   private readonly pending = new Map<number, Pending>();
   private closed = false;
 
@@ -86,6 +104,7 @@ export class StageRuntime {
     ] as const) {
       if (!Number.isInteger(v) || v < 1) throw new Error(`StageRuntime: ${name} must be an integer ≥ 1, got ${v}`);
     }
+    kvPlacement(opts);
     const { log = () => {}, ...init } = opts;
     const worker = new Worker(new URL('./stage-worker.js', import.meta.url), { workerData: init satisfies WorkerInit });
     return new Promise((resolve, reject) => {
@@ -145,6 +164,14 @@ export class StageRuntime {
   get weightBytes(): number {
     return this.info.weightBytes;
   }
+  /** The webgpu adapter's name ('' on cpu). */
+  get adapter(): string {
+    return this.info.adapter;
+  }
+  /** Where the KV arena lives (StageRuntimeOptions.kv). */
+  get kv(): KvPlacement {
+    return this.info.kv;
+  }
   /** Whether the graph came from the cache rather than being built now. */
   get reusedGraph(): boolean {
     return this.info.reusedGraph;
@@ -172,6 +199,16 @@ export class StageRuntime {
     await this.request({ type: 'copyKv', from: fromSlot, to: toSlot, length });
   }
 
+  /** Host↔device bytes of every forward and copyKv so far (kept here from each reply, so it reads at once). */
+  get hostTransfers(): { hostToDevice: number; deviceToHost: number } {
+    return { ...this.transferred };
+  }
+
+  /** Host memory fed to and returned by the stage's runs so far (and by its last run): protocol.ts TransferStats. */
+  async stats(): Promise<TransferStats> {
+    return (await this.request({ type: 'stats' })) as unknown as TransferStats;
+  }
+
   /** Marks a slot empty (its next use starts at 0). */
   async free(slot: number): Promise<void> {
     await this.request({ type: 'free', slot });
@@ -184,7 +221,10 @@ export class StageRuntime {
     await this.worker.terminate();
   }
 
-  private request(req: WithoutId<Request>, transfer: ArrayBuffer[] = []): Promise<ForwardOutput | undefined> {
+  private request(
+    req: WithoutId<Request>,
+    transfer: ArrayBuffer[] = [],
+  ): Promise<ForwardOutput | TransferStats | undefined> {
     if (this.closed) return Promise.reject(new Error('StageRuntime is closed'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
@@ -195,11 +235,15 @@ export class StageRuntime {
 
   private onReply(reply: Reply): void {
     if (reply.type !== 'result' && reply.type !== 'error') return;
+    if (reply.type === 'result' && reply.transfer) {
+      this.transferred.hostToDevice += reply.transfer.hostToDevice;
+      this.transferred.deviceToHost += reply.transfer.deviceToHost;
+    }
     const p = this.pending.get(reply.id);
     if (!p) return;
     this.pending.delete(reply.id);
     if (reply.type === 'error') p.reject(new Error(reply.error));
-    else p.resolve(reply.output);
+    else p.resolve(reply.output ?? reply.stats);
   }
 
   private failAll(e: Error): void {

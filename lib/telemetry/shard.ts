@@ -33,6 +33,7 @@ export class ShardTelemetry {
   private layers = '';
   private usage: (() => KvUsage) | null = null;
   private capacity: KvCapacityLike = { slots: 0, capacityTokens: 0 };
+  private transfers: (() => { hostToDevice: number; deviceToHost: number }) | null = null;
   readonly step = new Histogram({
     name: 'emu3_stage_step_seconds',
     help: "Time this stage spent on one micro-batch (prefix copies + its layers' forward pass).",
@@ -96,6 +97,24 @@ export class ShardTelemetry {
     kv('emu3_stage_kv_slots_capacity', "KV slots of this stage's arena.", () => this.capacity.slots);
     kv('emu3_stage_kv_tokens_in_use', 'KV positions written in this stage.', () => this.usage!().tokensInUse);
     kv('emu3_stage_kv_tokens_capacity', "KV positions this stage's arena holds.", () => this.capacity.capacityTokens);
+    const bytes = new Counter({
+      name: 'emu3_stage_host_device_bytes_total',
+      help: "Bytes of host memory fed to this stage's ORT runs (host_to_device) and returned from them (device_to_host).",
+      labelNames: ['direction'],
+      registers: this.r,
+      collect: () => {
+        if (!this.transfers) return;
+        const t = this.transfers();
+        bytes.reset();
+        bytes.inc({ direction: 'host_to_device' }, t.hostToDevice);
+        bytes.inc({ direction: 'device_to_host' }, t.deviceToHost);
+      },
+    });
+  }
+
+  /** Host↔device byte totals, read at scrape time (StageRuntime.hostTransfers). */
+  watchTransfers(read: () => { hostToDevice: number; deviceToHost: number }): void {
+    this.transfers = read;
   }
 
   /** KV gauges read `usage` at scrape time; `layers` [first, end) names the stage in spans. */

@@ -352,6 +352,7 @@ function publicImplementation(deps: Deps, log: Logger): grpc.UntypedServiceImple
             layerEnd: s.info.layer_end,
             precision: s.info.precision,
             device: s.info.device,
+            adapter: s.info.adapter,
           })),
           bosTokenId: t.roles.bos,
           eosTokenId: t.roles.eos,

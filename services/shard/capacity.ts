@@ -1,5 +1,5 @@
 // How much KV a stage holds (docs/architecture.md, "KV lifecycle"): `slots` slots of up to `slotTokens` positions each, sized at start from a
-// byte budget. The arena keeps K and V for every layer of the stage in fp32.
+// byte budget. The arena keeps K and V for every layer of the stage in fp32 (in half for fp16 on the webgpu device).
 
 export interface KvCapacityInput {
   /** Decoder layers of this stage. */
@@ -14,6 +14,8 @@ export interface KvCapacityInput {
   maxSlots: number;
   /** --slot-tokens: positions per slot (default: maxPositions). */
   slotTokens?: number;
+  /** Bytes per K or V element: 4 (fp32, default), 2 for a half device arena (fp16 on webgpu). */
+  elementBytes?: number;
 }
 
 export interface KvCapacity {
@@ -30,7 +32,7 @@ export const DEFAULT_MAX_SLOTS = 64;
 
 /** Throws naming the flag and the limit when the budget cannot hold one slot. */
 export function kvCapacity(input: KvCapacityInput): KvCapacity {
-  const bytesPerToken = 2 * input.layers * input.kvHeads * input.headDim * 4;
+  const bytesPerToken = 2 * input.layers * input.kvHeads * input.headDim * (input.elementBytes ?? 4);
   const slotTokens = input.slotTokens ?? input.maxPositions;
   if (!Number.isInteger(slotTokens) || slotTokens < 1 || slotTokens > input.maxPositions)
     throw new Error(

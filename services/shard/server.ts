@@ -3,11 +3,17 @@
 // Forward streams finish what they queued and end, the links close, the worker stops.
 import { Checkpoint } from '../../lib/model/checkpoint.js';
 import { loadEmu3Config } from '../../lib/model/config.js';
-import { checkStageSpec, type Device, INT8_PATH_MIN_TOKENS, type Precision } from '../../lib/onnx/stage-graph.js';
+import {
+  checkStageSpec,
+  type Device,
+  INT8_PATH_MIN_TOKENS,
+  kvElementBytes,
+  type Precision,
+} from '../../lib/onnx/stage-graph.js';
 import { type InternalSecurity, internalClient, internalServe, warnIfOpen } from '../../lib/rpc/internal-security.js';
 import type { Logger } from '../../lib/rpc/log.js';
 import { type RunningServer, serve } from '../../lib/rpc/serve.js';
-import { StageRuntime } from '../../lib/runtime/stage-runtime.js';
+import { kvPlacement, StageRuntime } from '../../lib/runtime/stage-runtime.js';
 import { shardTelemetry } from '../../lib/telemetry/shard.js';
 import { loadTokenizer } from '../../lib/tokenizer/load.js';
 import { DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_SLOTS, kvCapacity } from './capacity.js';
@@ -95,6 +101,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
     budgetBytes: opts.kvBudgetBytes ?? DEFAULT_KV_BUDGET_BYTES,
     maxSlots: opts.maxSlots ?? DEFAULT_MAX_SLOTS,
     slotTokens: opts.slotTokens,
+    elementBytes: kvPlacement({ device }) === 'device' ? kvElementBytes(opts.precision) : 4,
   });
   log.info('loading stage', { modelDir, layers: [first, end], precision: opts.precision, device, ...capacity });
   const started = performance.now();
@@ -114,6 +121,8 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   log.info('stage ready', {
     ms: Math.round(performance.now() - started),
     reusedGraph: runtime.reusedGraph,
+    device,
+    ...(runtime.adapter ? { adapter: runtime.adapter, kv: runtime.kv } : {}),
     ...(runtime.shape.int8Prefill ? { int8Prefill: `runs of ≥ ${INT8_PATH_MIN_TOKENS} tokens` } : {}),
   });
 
@@ -165,6 +174,7 @@ export async function startShardServer(opts: ShardServerOptions): Promise<Runnin
   );
   warnIfOpen(opts.security, log);
   shardTelemetry().watchStage([first, end], () => service.ledger, capacity);
+  shardTelemetry().watchTransfers(() => runtime.hostTransfers);
   const close = async () => {
     service.stopLease();
     next?.close();

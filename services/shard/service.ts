@@ -175,6 +175,7 @@ export class ShardService {
       is_last: this.runtime.isLast,
       precision: this.about.precision,
       device: this.about.device,
+      adapter: this.runtime.adapter,
       model_fingerprint: this.about.fingerprint,
       hidden_size: this.runtime.hiddenSize,
       vocab_size: this.runtime.vocabSize,

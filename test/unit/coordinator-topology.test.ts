@@ -28,6 +28,7 @@ function info(begin: number, end: number, over: Partial<ShardInfo> = {}): ShardI
     lease_ms: 10_000,
     epoch: 0,
     device: 'cpu',
+    adapter: '',
     ...over,
   };
 }

@@ -107,6 +107,17 @@ describe('kvCapacity', () => {
       slotTokens: 100,
     });
     assert.deepEqual([capped.slots, capped.slotTokens, capped.capacityTokens], [8, 100, 800]);
+    // A half device arena (fp16 on webgpu): 2 bytes an element, so the same budget holds twice the slots.
+    const half = kvCapacity({
+      layers: 2,
+      kvHeads: 2,
+      headDim: 16,
+      maxPositions: 2048,
+      budgetBytes: 10 * 2048 * 512 + 100,
+      maxSlots: 64,
+      elementBytes: 2,
+    });
+    assert.deepEqual([half.slots, half.bytesPerToken, half.bytes], [20, 256, 20 * 2048 * 256]);
   });
 
   test('a budget below one slot, or slots longer than the model context, are refused naming the flag', () => {

@@ -179,6 +179,7 @@ test('a Generate observed from start to end leaves exactly its counts in the coo
 test('shard and vq metrics: a micro-batch and vq calls (one refused by a full queue) counted by outcome; served over HTTP', async () => {
   const shard = new ShardTelemetry();
   shard.watchStage([0, 2], () => ({ slotsInUse: 1, tokensInUse: 30 }), { slots: 4, capacityTokens: 4096 });
+  shard.watchTransfers(() => ({ hostToDevice: 388, deviceToHost: 256 }));
   const batch = { micro_batch_id: 1, items: [{ token_count: 5 }, { token_count: 1 }], traceparent: '' };
   await shard.forward(batch, 1.5, async () => ({ error: null }));
   await shard.forward(batch, 0, async () => ({ error: { message: 'refused' } }));
@@ -219,6 +220,8 @@ test('shard and vq metrics: a micro-batch and vq calls (one refused by a full qu
     assert.equal(sample(s, 'emu3_stage_queue_seconds_sum'), 0.0015);
     assert.equal(sample(s, 'emu3_stage_kv_tokens_in_use'), 30);
     assert.equal(sample(s, 'emu3_stage_kv_slots_capacity'), 4);
+    assert.equal(sample(s, 'emu3_stage_host_device_bytes_total{direction="host_to_device"}'), 388);
+    assert.equal(sample(s, 'emu3_stage_host_device_bytes_total{direction="device_to_host"}'), 256);
     assert.equal((await fetch(server.url.replace('/metrics', '/other'))).status, 404);
   } finally {
     await server.close();
