@@ -299,7 +299,12 @@ test(
         .slice(before);
       await sleep(100);
     }
-    assert.ok(cancelled.filter((l) => l.step === 'queued').length >= 4, JSON.stringify(cancelled.map((l) => l.step)));
+    const steps = JSON.stringify(cancelled.map((l) => l.step));
+    // Only the request holding the worker when the deadlines expired can be past the queue (in the model, whose ORT
+    // run ends with its result dropped, or preprocessing); the worker then goes to the next request, which may reach
+    // preprocessing before its own cancel arrives (the deadlines expire together). The rest never left the queue.
+    assert.ok(cancelled.filter((l) => l.step === 'model').length <= 1, steps);
+    assert.ok(cancelled.filter((l) => l.step === 'queued').length >= Math.max(3, cancelled.length - 2), steps);
     await timedImageRequest(4100); // and the next image request is answered
   },
 );
