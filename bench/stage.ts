@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import ort from 'onnxruntime-node';
 import { expectedTensors } from '../lib/model/checkpoint.js';
-import { parseEmu3Config } from '../lib/model/config.js';
+import { loadEmu3Config, parseEmu3Config } from '../lib/model/config.js';
 import { writeSafetensors } from '../lib/model/safetensors.js';
 import { tinyConfigJson, writeTinyEmu3 } from '../lib/model/tiny.js';
 import { GraphBuilder } from '../lib/onnx/graph.js';
@@ -97,6 +97,18 @@ function ensureRealLayer(): Model {
     writeFileSync(join(dir, 'config.json'), `${JSON.stringify(json, null, 2)}\n`);
   }
   return { name: 'one Emu3 layer (4096/14336/32/8)', dir, layers: [1, 2] };
+}
+
+/** Bytes of the int8 prefill path's weights for `layers` decoder layers of the checkpoint in `dir`. */
+function int8PathBytes(dir: string, layers: number): number {
+  const c = loadEmu3Config(dir);
+  const D = c.hiddenSize;
+  const qkv = (c.numAttentionHeads + 2 * c.numKeyValueHeads) * c.headDim;
+  const o = c.numAttentionHeads * c.headDim;
+  const I = c.intermediateSize;
+  const weights = qkv * D + D * o + 2 * I * D + D * I;
+  const scales = 4 * (qkv + D + 2 * I + D);
+  return layers * (weights + scales);
 }
 
 /** Machine read bandwidth: ORT ReduceSum over 1 GiB fed from JS (all cores), and a JS Float64Array sum. */
@@ -226,7 +238,10 @@ async function benchModel(model: Model, precision: Precision, int8Prefill = true
   const D = rt.hiddenSize;
   // The embedding is a Gather (one row per token), so a decode step reads every weight except the table.
   const tableBytes = precision === 'fp16' ? 2 : 4;
-  const readBytes = rt.weightBytes - (rt.isFirst ? rt.vocabSize * D * tableBytes : 0);
+  // An int4 stage's int8 prefill path is a second copy of the layer weights that decode steps do not read: one byte
+  // per weight and a float scale per output channel (stage-graph.ts).
+  const int8Bytes = rt.shape.int8Prefill ? int8PathBytes(model.dir, rt.shape.layers.length) : 0;
+  const readBytes = rt.weightBytes - (rt.isFirst ? rt.vocabSize * D * tableBytes : 0) - int8Bytes;
   const rng = new Rng(9);
   const input = (tokens: number): ForwardInput =>
     rt.isFirst
@@ -557,7 +572,7 @@ async function main(): Promise<void> {
     table(rows, bw),
     '',
     `Machine read bandwidth in this run: ORT ReduceSum over 1 GiB ${bw.ort.toFixed(1)} GB/s, JS Float64Array sum ${bw.js.toFixed(1)} GB/s (efficiency uses the larger).`,
-    `Weight bytes read per token = read/step MiB ÷ batch (a decode step reads every weight once, except the embedding table, which is gathered). GB/s = read/step bytes ÷ step time. int4 vs fp32 on small, first 8 greedy tokens agreeing on 3 prompts: ${agree.join(', ')}.`,
+    `Weight bytes read per token = read/step MiB ÷ batch (a decode step reads every weight once, except the embedding table, which is gathered, and for int4 the int8 prefill copy, which only runs of ≥ 16 tokens read: batch 16 and prefill). GB/s = read/step bytes ÷ step time. int4 vs fp32 on small, first 8 greedy tokens agreeing on 3 prompts: ${agree.join(', ')}.`,
     `Total bench time ${((Date.now() - started) / 1000).toFixed(0)} s.`,
     '',
     mixedText(mixed, false),
