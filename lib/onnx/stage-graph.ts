@@ -45,7 +45,7 @@
 import type { Checkpoint } from '../model/checkpoint.js';
 import { tensorNames } from '../model/checkpoint.js';
 import type { Emu3Config } from '../model/config.js';
-import { floatToHalf } from '../model/dtype.js';
+import { fromFloat32 } from '../model/dtype.js';
 import { concatFloat32 } from '../util/float32.js';
 import type { GraphBuilder, NodeDef, ValueInfo } from './graph.js';
 import { dequantizeInt4, type Int4Scheme, type Int4Weight, quantizeInt4 } from './int4.js';
@@ -369,7 +369,7 @@ function embed(ctx: Ctx, tokens: string): string {
   const { g, c } = ctx;
   const rows = ctx.ckpt.read(tensorNames.embed, [c.vocabSize, c.hiddenSize]);
   if (ctx.plan.kind === 'fp16') {
-    const table = g.weight('embed_tokens', 'float16', [c.vocabSize, c.hiddenSize], toHalf(rows));
+    const table = g.weight('embed_tokens', 'float16', [c.vocabSize, c.hiddenSize], fromFloat32('F16', rows));
     return g.op('Cast', [g.op('Gather', [table, tokens], 'embed_half', { axis: 0 })], 'embed', { to: FLOAT });
   }
   const table = g.weight('embed_tokens', 'float', [c.vocabSize, c.hiddenSize], rows);
@@ -378,12 +378,6 @@ function embed(ctx: Ctx, tokens: string): string {
 
 const FLOAT = 1;
 const FLOAT16 = 10;
-
-function toHalf(x: Float32Array): Uint16Array {
-  const out = new Uint16Array(x.length);
-  for (let i = 0; i < x.length; i++) out[i] = floatToHalf(x[i]);
-  return out;
-}
 
 /** The element type of a device KV arena: half with fp16 weights, else float. */
 export function kvElemType(precision: Precision): 'float' | 'float16' {
@@ -669,15 +663,11 @@ function linear(ctx: Ctx, name: string, weight: () => Float32Array, out: number,
     return g.op('Gemm', [x, w], node, { transB: 1 });
   }
   if (plan.kind === 'fp16') {
-    const w = g.weight(`${name}.weight`, 'float16', [out, inp], toHalf(weight()));
+    const w = g.weight(`${name}.weight`, 'float16', [out, inp], fromFloat32('F16', weight()));
     const xHalf = g.op('Cast', [x], `${node}.in_half`, { to: FLOAT16 });
     return g.op('Cast', [g.op('Gemm', [xHalf, w], `${node}.half`, { transB: 1 })], node, { to: FLOAT });
   }
-  if (plan.kind === 'int8') {
-    const q = ctx.int4.get(name);
-    if (!q) throw new Error(`stage graph: the int8 branch needs ${name}'s int4 weight first`);
-    return linearInt8(g, node, quantizeInt8Columns(dequantizeInt4(q), out, inp), x);
-  }
+  if (plan.kind === 'int8') return linearInt8(g, node, quantizeInt8Columns(int4Values(ctx, name), out, inp), x);
   const q = quantizeInt4(weight(), out, inp, plan.scheme);
   if (ctx.prefix) ctx.int4.set(name, q);
   const inputs = [
@@ -695,6 +685,13 @@ function linear(ctx: Ctx, name: string, weight: () => Float32Array, out: number,
   );
 }
 
+/** The values of the int4 branch's weight `name` (built first), which the int8 branch re-quantises. */
+function int4Values(ctx: Ctx, name: string): Float32Array {
+  const q = ctx.int4.get(name);
+  if (!q) throw new Error(`stage graph: the int8 branch needs ${name}'s int4 weight first`);
+  return dequantizeInt4(q);
+}
+
 /**
  * Two linears of the same input (gate and up). The int8 path multiplies them as one [in, 2·out] weight (one
  * quantisation of the activations, one GEMM with a wider N, which MLAS runs faster); the others run them apart.
@@ -709,11 +706,7 @@ function linearPair(
 ): [string, string] {
   if (ctx.plan.kind !== 'int8')
     return [linear(ctx, names[0], weights[0], out, inp, x), linear(ctx, names[1], weights[1], out, inp, x)];
-  const halves = names.map((name) => {
-    const q = ctx.int4.get(name);
-    if (!q) throw new Error(`stage graph: the int8 branch needs ${name}'s int4 weight first`);
-    return dequantizeInt4(q);
-  });
+  const halves = names.map((name) => int4Values(ctx, name));
   const node = `${ctx.prefix}${names[0]}_${names[1].split('.').pop()}`;
   const both = linearInt8(ctx.g, node, quantizeInt8Columns(concatFloat32(halves), 2 * out, inp), x);
   const [a, b] = ctx.g.node(
