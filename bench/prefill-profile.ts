@@ -34,12 +34,15 @@ interface ProfileEvent {
   args?: { op_name?: string };
 }
 
-/** Linear layers in either precision, and the int8 prefill path's quantisation of activations. */
-const LINEAR_OPS = new Set(['MatMulNBits', 'Gemm', 'MatMul', 'DynamicQuantizeMatMul', 'MatMulInteger']);
+/**
+ * A linear layer's nodes by name (stage-graph.ts linear, linearPair, linearInt8): the product and, on the int8 path,
+ * its row scaling (abs, row max, divide, scale back) and the gate/up split.
+ */
+const LINEAR_NODE = /(^|\.)(attn\.(qkv|o)|mlp\.(gate|up|gate_up|down)|lm_head)(\.|$)/;
 
-function category(node: string, op: string): string {
+function category(node: string): string {
   if (node.includes('.attn.decode.') || node.includes('.attn.chunk.')) return 'attention (scores, softmax, ·V)';
-  if (LINEAR_OPS.has(op) || node.includes('.int8.')) return 'linear layers (qkv, o, gate/up, down, lm_head)';
+  if (LINEAR_NODE.test(node)) return 'linear layers (qkv, o, gate/up, down, lm_head)';
   return 'the rest (norms, rotary, embedding, activations, gathers)';
 }
 
@@ -65,11 +68,10 @@ async function main(): Promise<void> {
   const executor = new StageExecutor(session, cached.shape, 1, PAST + CHUNK + 8);
   const rng = new Rng(3);
   const tokens = (n: number) => ({ tokens: Int32Array.from({ length: n }, () => rng.nextU32() % 151643) });
-  for (let start = 0; start < PAST; start += 512)
-    await executor.forward(
-      [{ slot: 0, start, length: Math.min(512, PAST - start) }],
-      tokens(Math.min(512, PAST - start)),
-    );
+  for (let start = 0; start < PAST; start += 512) {
+    const length = Math.min(512, PAST - start);
+    await executor.forward([{ slot: 0, start, length }], tokens(length));
+  }
   const wall: number[] = [];
   for (let i = 0; i < RUNS + 1; i++) {
     const t0 = performance.now();
@@ -97,7 +99,8 @@ async function main(): Promise<void> {
     if (op === 'If') continue; // its time is that of the branch's nodes, which are profiled themselves
     const us = e.dur / RUNS;
     total += us;
-    byCategory.set(category(node, op), (byCategory.get(category(node, op)) ?? 0) + us);
+    const part = category(node);
+    byCategory.set(part, (byCategory.get(part) ?? 0) + us);
     byOp.set(op, (byOp.get(op) ?? 0) + us);
   }
   const runMs = median(wall.slice(1));
